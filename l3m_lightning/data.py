@@ -1,0 +1,223 @@
+"""Chat data: load rows with ``datasets``, validate them, tokenise with the chat template, batch.
+
+A row is either chat form ``{"messages": [{"role", "content"}, ...]}`` whose last turn is the
+assistant's reference response, or ``{"prompt": str, "response": str}``. Each batch carries the
+SFT sequence (prompt + response, right-padded, prompt tokens masked out of the labels) and the
+prompt alone (left-padded, ready for batched generation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from torch.utils.data import DataLoader
+
+from l3m_lightning.policy import EMBEDDED, load_tokenizer
+
+IGNORE_INDEX = -100
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def row_to_messages(row: dict[str, Any], index: int, prompt_column: str = "prompt", response_column: str = "response") -> list[dict[str, str]]:
+    """Validate one row and return it as chat messages ending in the assistant's response."""
+    where = f"dataset row {index}"
+    if row.get("messages") is not None:
+        messages = row["messages"]
+        if not isinstance(messages, list) or len(messages) < 2:
+            raise ValueError(f"{where}: field 'messages' must be a list of at least 2 {{role, content}} turns, got {messages!r:.120}")
+        for t, turn in enumerate(messages):
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+                raise ValueError(f"{where}: field 'messages[{t}]' must be {{'role': str, 'content': str}}, got {turn!r:.120}")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: field 'messages' must end with an assistant turn (the reference response), ends with {messages[-1]['role']!r}")
+        if not messages[-1]["content"].strip():
+            raise ValueError(f"{where}: field 'messages[-1].content' (the reference response) is empty")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if prompt_column in row or response_column in row:
+        for column in (prompt_column, response_column):
+            value = row.get(column)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{where}: field '{column}' must be a non-empty string, got {value!r:.120}")
+        return [{"role": "user", "content": row[prompt_column]}, {"role": "assistant", "content": row[response_column]}]
+    raise ValueError(
+        f"{where}: expected a 'messages' field or '{prompt_column}'/'{response_column}' fields, found fields {sorted(row)}"
+    )
+
+
+def tokenize_messages(tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens: int, max_response_tokens: int) -> dict[str, list[int]]:
+    """Prompt ids (with the generation prompt) and response ids, via the tokenizer's chat template.
+
+    The response is what the full conversation adds after the prompt. Templates that rewrite
+    earlier turns are handled by cutting at the longest common prefix. Over-long prompts lose
+    their oldest tokens; over-long responses are cut at the end.
+    """
+    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    cut = 0
+    while cut < min(len(prompt_ids), len(full_ids)) and prompt_ids[cut] == full_ids[cut]:
+        cut += 1
+    return {"prompt_ids": prompt_ids[:cut][-max_prompt_tokens:], "response_ids": full_ids[cut:][:max_response_tokens]}
+
+
+class ChatCollator:
+    """Pads a list of tokenised rows into the tensors one training step needs."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        sequences = [r["prompt_ids"] + r["response_ids"] for r in rows]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (row, seq) in enumerate(zip(rows, sequences)):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            attention_mask[i, : len(seq)] = 1
+            labels[i, len(row["prompt_ids"]) : len(seq)] = torch.tensor(row["response_ids"])
+        prompt_width = max(len(r["prompt_ids"]) for r in rows)
+        prompt_ids = torch.full((len(rows), prompt_width), self.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(rows), prompt_width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: generation continues every row from its end
+            n = len(row["prompt_ids"])
+            prompt_ids[i, prompt_width - n :] = torch.tensor(row["prompt_ids"])
+            prompt_mask[i, prompt_width - n :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "prompt_input_ids": prompt_ids,
+            "prompt_attention_mask": prompt_mask,
+            "prompts": [r["prompt_text"] for r in rows],
+            "references": [r["response_text"] for r in rows],
+        }
+
+
+class ChatDataModule(L.LightningDataModule):
+    """Prompt/response data for SFT + constraints, from the embedded set, local files, or a dataset name.
+
+    Args:
+        dataset: ``"embedded"`` (generated offline), a local ``.json``/``.jsonl``/``.csv``/``.parquet``
+            file, a folder written by ``Dataset.save_to_disk``, or a dataset name for ``load_dataset``.
+        tokenizer: set by the CLI from the model's, so both use the same tokenizer.
+        train_split / val_split: split names; without a ``val_split``, ``val_fraction`` of the
+            training rows is held out (seeded by ``split_seed``), and that held-out set is also the test set.
+    """
+
+    def __init__(
+        self,
+        dataset: str = EMBEDDED,
+        tokenizer: str = EMBEDDED,
+        train_split: str = "train",
+        val_split: str | None = None,
+        test_split: str | None = None,
+        val_fraction: float = 0.05,
+        max_train_rows: int | None = None,
+        max_val_rows: int | None = 256,
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        max_prompt_tokens: int = 256,
+        max_response_tokens: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        split_seed: int = 0,
+        embedded_num_prompts: int = 2000,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.splits: dict[str, Dataset] = {}
+
+    # --- loading ----------------------------------------------------------------------------
+    def _load_raw(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
+        hp = self.hparams
+        if hp.dataset == EMBEDDED:
+            from l3m_lightning.embedded.dataset import generate_rows
+
+            return Dataset.from_list(generate_rows(num_prompts=hp.embedded_num_prompts, seed=hp.split_seed)), None, None
+        path = Path(hp.dataset).expanduser()
+        if path.is_file():
+            builder = _FILE_BUILDERS.get("".join(path.suffixes[-1:]).lower())
+            if builder is None:
+                raise ValueError(f"data.dataset: unsupported file type {path.suffix!r}; expected one of {sorted(_FILE_BUILDERS)}")
+            return load_dataset(builder, data_files=str(path), split="train"), None, None
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+            loaded = load_from_disk(str(path))
+        elif path.is_dir():
+            loaded = load_dataset(str(path))
+        else:
+            loaded = load_dataset(hp.dataset)
+        if not isinstance(loaded, (DatasetDict, dict)):
+            return loaded, None, None
+        if hp.train_split not in loaded:
+            raise ValueError(f"data.train_split: '{hp.train_split}' not in dataset '{hp.dataset}' (splits: {sorted(loaded)})")
+        pick = lambda name: None if name is None else loaded[name] if name in loaded else _missing(name, loaded, hp.dataset)  # noqa: E731
+        return loaded[hp.train_split], pick(hp.val_split), pick(hp.test_split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer)
+        train, val, test = self._load_raw()
+        if val is None:
+            held = train.train_test_split(test_size=hp.val_fraction, seed=hp.split_seed, shuffle=True)
+            train, val = held["train"], held["test"]
+        test = val if test is None else test
+        for name, split, cap in (("train", train, hp.max_train_rows), ("val", val, hp.max_val_rows), ("test", test, hp.max_val_rows)):
+            if cap is not None and len(split) > cap:
+                split = split.select(range(cap))
+            self.splits[name] = self._tokenize(split, name)
+
+    def _tokenize(self, split: Dataset, name: str) -> Dataset:
+        hp, tokenizer = self.hparams, self.tokenizer
+
+        def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
+            messages = row_to_messages(row, index, hp.prompt_column, hp.response_column)
+            out = tokenize_messages(tokenizer, messages, hp.max_prompt_tokens, hp.max_response_tokens)
+            out["prompt_text"] = messages[-2]["content"] if len(messages) >= 2 else ""
+            out["response_text"] = messages[-1]["content"]
+            return out
+
+        return split.map(encode, with_indices=True, remove_columns=split.column_names, desc=f"tokenizing {name}")
+
+    # --- loaders ----------------------------------------------------------------------------
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        size = hp.batch_size if shuffle else (hp.eval_batch_size or hp.batch_size)
+        return DataLoader(
+            self.splits[name],
+            batch_size=size,
+            shuffle=shuffle,
+            collate_fn=ChatCollator(self.tokenizer.pad_token_id),
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            drop_last=shuffle and len(self.splits[name]) > size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def _missing(name: str, loaded: Any, dataset: str) -> None:
+    raise ValueError(f"split '{name}' not in dataset '{dataset}' (splits: {sorted(loaded)})")

@@ -1,0 +1,1 @@
+"""Embedded, offline-generated default data for l3m-lightning."""

@@ -1,0 +1,103 @@
+"""Score-function (REINFORCE) estimator of the constraint gradients (method.md §4).
+
+A constraint value c(x, y) — a length, a reward-model score of decoded text — has no gradient
+in θ, so ∇C = E[(c − β) ∇log π(y|x)] is estimated from sampled responses. These functions are
+pure tensor maths so they can be checked against closed forms independently of any model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l3m_lightning.barrier import relaxed_log_barrier_grad
+
+
+def leave_one_out_baseline(costs: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """β_j: the mean cost of the *other* valid samples drawn for the same prompt.
+
+    ``costs`` is flat ``[num_prompts * group_size]`` with each prompt's samples contiguous.
+    Excluding the sample itself keeps the gradient unbiased. When a prompt has no other valid
+    sample (``group_size == 1``, or the rest were dropped) the baseline falls back to the mean of
+    all other valid samples in the batch, which is still independent of the sample itself.
+    """
+    if costs.dim() != 1 or costs.numel() % group_size:
+        raise ValueError(f"costs must be flat with a multiple of group_size={group_size} entries, got {tuple(costs.shape)}")
+    valid = torch.ones_like(costs, dtype=torch.bool) if valid is None else valid.bool()
+    masked = torch.where(valid, costs, torch.zeros_like(costs))
+    weight = valid.to(costs.dtype)
+
+    group_sum = masked.view(-1, group_size).sum(dim=1, keepdim=True).expand(-1, group_size).reshape(-1)
+    group_cnt = weight.view(-1, group_size).sum(dim=1, keepdim=True).expand(-1, group_size).reshape(-1)
+    others_sum, others_cnt = group_sum - masked, group_cnt - weight
+
+    batch_others_sum, batch_others_cnt = masked.sum() - masked, weight.sum() - weight
+    batch_baseline = batch_others_sum / batch_others_cnt.clamp(min=1)
+    group_baseline = others_sum / others_cnt.clamp(min=1)
+    return torch.where(others_cnt > 0, group_baseline, batch_baseline)
+
+
+def constraint_multipliers(constraint_estimates: torch.Tensor, mu: float) -> torch.Tensor:
+    """λ_i = B'_μ(Ĉ_i) / k: the barrier's Lagrange multiplier estimates (method.md §3)."""
+    k = constraint_estimates.numel()
+    return relaxed_log_barrier_grad(constraint_estimates.detach(), mu) / max(k, 1)
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid entries; 0 (not NaN) when none is valid."""
+    weight = valid.to(values.dtype)
+    return (values * weight).sum() / weight.sum().clamp(min=1)
+
+
+def policy_gradient_surrogate(
+    sequence_logprobs: torch.Tensor,
+    costs: torch.Tensor,
+    multipliers: torch.Tensor,
+    group_size: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_i sg(λ_i) · mean_j[ sg(c_ij − β_ij) · log π(y_j|x_j) ].
+
+    Its gradient is Σ_i λ_i ∇C_i (in expectation); its value means nothing. ``costs`` and
+    ``valid`` are ``[k, N]``, ``sequence_logprobs`` is ``[N]`` (sum of the response's token
+    log-probabilities), ``multipliers`` is ``[k]``. Only ``sequence_logprobs`` carries gradient.
+    """
+    if costs.dim() != 2 or costs.shape[1] != sequence_logprobs.shape[0]:
+        raise ValueError(f"costs must be [num_constraints, {sequence_logprobs.shape[0]}], got {tuple(costs.shape)}")
+    valid = torch.ones_like(costs, dtype=torch.bool) if valid is None else valid.bool()
+    total = sequence_logprobs.new_zeros(())
+    for i in range(costs.shape[0]):
+        c = costs[i].detach().to(sequence_logprobs.dtype)
+        advantage = (c - leave_one_out_baseline(c, group_size, valid[i])).detach()
+        advantage = torch.where(valid[i], advantage, torch.zeros_like(advantage))
+        total = total + multipliers[i].detach().to(sequence_logprobs.dtype) * masked_mean(advantage * sequence_logprobs, valid[i])
+    return total
+
+
+class ExponentialMovingAverage:
+    """Optional smoothing of Ĉ_i before λ_i is read off (our option, not the paper's; off by default).
+
+    B' of a noisy minibatch estimate is biased near the boundary; an EMA trades that bias for lag.
+    ``decay = 0`` disables it (the estimate passes through unchanged).
+    """
+
+    def __init__(self, decay: float = 0.0) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"constraint_ema must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.value: torch.Tensor | None = None
+
+    def update(self, estimate: torch.Tensor) -> torch.Tensor:
+        estimate = estimate.detach()
+        if self.decay == 0.0:
+            return estimate
+        if self.value is None or self.value.shape != estimate.shape:
+            self.value = estimate.clone()
+        else:
+            self.value = self.decay * self.value.to(estimate) + (1 - self.decay) * estimate
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "value": None if self.value is None else self.value.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state.get("value")

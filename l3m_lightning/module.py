@@ -1,0 +1,298 @@
+"""L3MModule: SFT loss plus the relaxed log-barrier on sampled-response constraints.
+
+The training step (method.md §5), top to bottom in ``training_step``:
+
+1. SFT: token-mean NLL of the reference responses (prompt tokens masked).
+2. Sample K responses per prompt (no grad, KV cache, stop at EOS); score every constraint.
+3. Ĉ_i = mean of c_ij (all-reduced across ranks); λ_i = B'_μ(Ĉ_i)/k.
+4. loss = L_sft + Σ_i sg(λ_i) · mean_j[sg(c_ij − β_ij) · log π(y_j|x_j)], β = leave-one-out.
+5. One optimiser step (Lightning); μ decays on schedule after it.
+
+With no constraints it is plain SFT.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from constraints import Constraint, build_constraints
+from l3m_lightning.barrier import MuSchedule
+from l3m_lightning.data import IGNORE_INDEX
+from l3m_lightning.estimator import ExponentialMovingAverage, constraint_multipliers, masked_mean, policy_gradient_surrogate
+from l3m_lightning.policy import EMBEDDED, load_policy, load_tokenizer
+from l3m_lightning.sampling import Rollouts, sample_rollouts, token_logprobs
+from l3m_lightning.schedules import warmup_cosine
+
+
+class L3MModule(L.LightningModule):
+    """Constrained fine-tuning of a causal LM with the L3M relaxed log-barrier.
+
+    Args:
+        model_name_or_path: ``"embedded"`` (the small offline default) or any Hugging Face causal LM.
+        tokenizer_name_or_path: defaults to ``model_name_or_path``.
+        model_config: config overrides (for ``embedded``: its size, e.g. ``{hidden_size: 256}``).
+        constraints: entries ``{name: length, threshold: 20, sense: at_most, scale: 10}`` or
+            ``{class_path: ..., init_args: {...}}``; empty means plain SFT.
+        num_samples: K responses sampled per prompt (K ≥ 2 enables the leave-one-out baseline).
+        max_new_tokens / temperature / top_k / top_p: sampling; temperature 1 and no truncation
+            keep the policy gradient unbiased.
+        mu_start / mu_floor / mu_decay / mu_decay_every: μ ← max(floor, decay·μ) every N steps.
+        constraint_ema: EMA of Ĉ_i before reading λ_i off (0 = off; our option, not the paper's).
+        learning_rate / weight_decay / warmup_ratio / min_lr_ratio: AdamW with linear warm-up then cosine.
+        log_samples_every_n_steps: how often sampled prompt/response pairs go to TensorBoard as text.
+        val_generate: sample one response per held-out prompt in validation/test and log constraint values.
+        init_seed: seed of the embedded model's random init.
+        export_dir: where the final policy and tokenizer are written with ``save_pretrained``
+            (default: ``<log dir>/hf_model``); ``""`` disables export.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = EMBEDDED,
+        tokenizer_name_or_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        torch_dtype: str | None = None,
+        constraints: list[dict[str, Any]] | None = None,
+        num_samples: int = 2,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        mu_start: float = 1.0,
+        mu_floor: float = 0.01,
+        mu_decay: float = 0.9,
+        mu_decay_every: int = 10,
+        constraint_ema: float = 0.0,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_ratio: float = 0.05,
+        min_lr_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+        log_samples_every_n_steps: int = 50,
+        val_generate: bool = True,
+        export_dir: str | None = None,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"model.num_samples must be >= 1, got {num_samples}")
+        if max_new_tokens < 1:
+            raise ValueError(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        self.save_hyperparameters()
+        self.constraints: list[Constraint] = build_constraints(constraints)
+        self.mu_schedule = MuSchedule(start=mu_start, floor=mu_floor, factor=mu_decay, every=mu_decay_every)
+        self.constraint_ema = ExponentialMovingAverage(constraint_ema)
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path)
+        self.model = load_policy(model_name_or_path, self.tokenizer, model_config, torch_dtype, seed=init_seed)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_means = torch.nn.ModuleDict({key: MeanMetric() for key in self._eval_metric_keys()})
+
+    # --- the training step ----------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        sft_loss = self.sft_loss(batch)
+        loss = sft_loss
+        self.log_dict({"train/sft_loss": sft_loss.detach(), "train/ppl": sft_loss.detach().exp()}, prog_bar=True)
+        self.log("barrier/mu", self.mu_schedule.mu)
+
+        if self.constraints:
+            rollouts = self.sample(batch, self.hparams.num_samples)
+            rewards, costs, valid = self.score(batch, rollouts)
+            estimates = self.all_reduced_means(costs, valid)
+            multipliers = constraint_multipliers(self.constraint_ema.update(estimates), self.mu_schedule.mu)
+            logp, mask = token_logprobs(self.model, rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
+            surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
+            loss = loss + surrogate
+            self.log_constraints(rewards, costs, valid, estimates, multipliers, rollouts)
+            self.maybe_log_samples(batch, rollouts)
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # μ decays per optimiser step (not per batch, so gradient accumulation does not speed it
+        # up), and before checkpoint callbacks run, so a checkpoint holds the μ of its step.
+        super().optimizer_step(*args, **kwargs)
+        self.mu_schedule.step()
+
+    # --- pieces of the step -----------------------------------------------------------------------
+    def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Token-mean NLL of the reference responses."""
+        logp, mask = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return -logp.sum() / mask.sum().clamp(min=1)
+
+    def sample(self, batch: dict[str, Any], num_samples: int) -> Rollouts:
+        hp = self.hparams
+        return sample_rollouts(
+            self.model,
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            num_samples=num_samples,
+            max_new_tokens=hp.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=hp.temperature,
+            top_k=hp.top_k,
+            top_p=hp.top_p,
+        )
+
+    def score(self, batch: dict[str, Any], rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rewards, normalised costs and validity masks, each ``[k, N]`` (float64 / bool, on device)."""
+        prompts = [batch["prompts"][i] for i in rollouts.prompt_index.tolist()]
+        completions = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+        rewards, valid = zip(*(c.evaluate(prompts, completions, rollouts.completion_ids) for c in self.constraints))
+        rewards_t = torch.stack(rewards).to(self.device)
+        costs = torch.stack([c.cost(r) for c, r in zip(self.constraints, rewards_t)])
+        return rewards_t, costs, torch.stack(valid).to(self.device)
+
+    def all_reduced_means(self, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-constraint mean over the valid samples of *all* ranks, so every rank gets the same λ."""
+        sums = torch.stack([(values * valid).sum(dim=1), valid.sum(dim=1).to(values.dtype)])
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if self._trainer is not None else sums
+        return sums[0] / sums[1].clamp(min=1)
+
+    # --- logging --------------------------------------------------------------------------------
+    def log_constraints(self, rewards, costs, valid, estimates, multipliers, rollouts: Rollouts) -> None:
+        metrics = {"completions/mean_length": float(sum(map(len, rollouts.completion_ids))) / len(rollouts.completion_ids)}
+        metrics["completions/finished_fraction"] = rollouts.finished.float().mean()
+        for i, c in enumerate(self.constraints):
+            prefix = f"constraints/{c.name}"
+            metrics[f"{prefix}/value"] = estimates[i]
+            metrics[f"{prefix}/reward"] = masked_mean(rewards[i], valid[i])
+            metrics[f"{prefix}/lambda"] = multipliers[i]
+            metrics[f"{prefix}/satisfied"] = (estimates[i] <= 0).float()
+            metrics[f"{prefix}/valid_fraction"] = valid[i].float().mean()
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()})
+
+    def maybe_log_samples(self, batch: dict[str, Any], rollouts: Rollouts, max_rows: int = 4) -> None:
+        every = self.hparams.log_samples_every_n_steps
+        if not every or self.global_step % every or not self.trainer.is_global_zero:
+            return
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_text"):
+            return
+        rows = []
+        for j in range(min(max_rows, len(rollouts.completion_ids))):
+            prompt = batch["prompts"][int(rollouts.prompt_index[j])]
+            completion = self.tokenizer.decode(rollouts.completion_ids[j], skip_special_tokens=True)
+            rows.append(f"**prompt:** {prompt}\n\n**response ({len(rollouts.completion_ids[j])} tokens):** {completion}")
+        experiment.add_text("samples", "\n\n---\n\n".join(rows), global_step=self.global_step)
+
+    # --- held-out evaluation --------------------------------------------------------------------
+    def _eval_metric_keys(self) -> list[str]:
+        keys = ["completions/mean_length"]
+        for c in self.constraints:
+            keys += [f"constraints/{c.name}/value", f"constraints/{c.name}/reward"]
+        return [k.replace("/", "__") for k in keys]  # ModuleDict keys cannot contain '.'; keep them flat
+
+    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        if self.hparams.val_generate:
+            rollouts = self.sample(batch, num_samples=1)
+            n = len(rollouts.completion_ids)
+            lengths = torch.tensor([float(len(ids)) for ids in rollouts.completion_ids], device=self.device)
+            self.val_means["completions__mean_length"].update(lengths)
+            if self.constraints:
+                rewards, costs, valid = self.score(batch, rollouts)
+                for i, c in enumerate(self.constraints):
+                    if valid[i].any():
+                        self.val_means[f"constraints__{c.name}__value"].update(costs[i][valid[i]].float())
+                        self.val_means[f"constraints__{c.name}__reward"].update(rewards[i][valid[i]].float())
+            del n
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        self.log(f"{prefix}/ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=False)
+        self.val_ppl.reset()
+        for key, metric in self.val_means.items():
+            if metric.update_called:
+                name = key.replace("__", "/")
+                value = metric.compute()
+                self.log(f"{prefix}/{name}", value)
+                if name.endswith("/value"):
+                    self.log(f"{prefix}/{name[: -len('/value')]}/satisfied", (value <= 0).float())
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        rollouts = self.sample(batch, num_samples=1)
+        texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+        return [
+            {"prompt": p, "completion": t, "num_tokens": len(ids)}
+            for p, t, ids in zip(batch["prompts"], texts, rollouts.completion_ids)
+        ]
+
+    # --- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.dim() < 2 else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate,
+            betas=tuple(hp.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=math.ceil(hp.warmup_ratio * total), min_lr_ratio=hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- state and outputs ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        for c in self.constraints:
+            c.setup(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["l3m"] = {
+            "mu_schedule": self.mu_schedule.state_dict(),
+            "constraint_ema": self.constraint_ema.state_dict(),
+            "constraints": {c.name: c.state_dict() for c in self.constraints},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("l3m")
+        if state is None:
+            return
+        self.mu_schedule.load_state_dict(state["mu_schedule"])
+        self.constraint_ema.load_state_dict(state["constraint_ema"])
+        for c in self.constraints:
+            if c.name in state["constraints"]:
+                c.load_state_dict(state["constraints"][c.name])
+
+    def on_fit_end(self) -> None:
+        """Export the policy and tokenizer with ``save_pretrained`` so any Hugging Face tool loads them."""
+        target = self.export_path()
+        if target is None or not self.trainer.is_global_zero:
+            return
+        target.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(target)
+        self.tokenizer.save_pretrained(target)
+
+    def export_path(self) -> Path | None:
+        if self.hparams.export_dir == "":
+            return None
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir)
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(root) / "hf_model"

@@ -1,0 +1,108 @@
+"""Sampling responses from the policy and scoring their log-probabilities.
+
+Generation is batched over left-padded prompts with the KV cache, K samples per prompt, and
+stops each row at EOS (``transformers.generate``). The sampled sequences are then repacked
+exactly like SFT rows — prompt + response, right-padded, prompt masked out — so one function
+computes log-probabilities for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+
+from l3m_lightning.data import IGNORE_INDEX
+
+
+@dataclass
+class Rollouts:
+    """K sampled responses per prompt, samples of one prompt contiguous (``[B*K]`` rows)."""
+
+    input_ids: torch.Tensor  # [N, T] prompt + response, right-padded
+    attention_mask: torch.Tensor  # [N, T]
+    labels: torch.Tensor  # [N, T] response tokens (incl. EOS), IGNORE_INDEX elsewhere
+    completion_ids: list[list[int]]  # response tokens without EOS, for constraints
+    finished: torch.Tensor  # [N] bool: ended with EOS (False: cut at max_new_tokens)
+    prompt_index: torch.Tensor  # [N] which prompt of the batch each sample answers
+    group_size: int
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model: PreTrainedModel,
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    num_samples: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> Rollouts:
+    """Sample ``num_samples`` responses for each left-padded prompt; no gradient is recorded."""
+    config = GenerationConfig(
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=top_k if do_sample else None,
+        top_p=top_p if do_sample else None,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        generated = model.generate(input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, generation_config=config)
+    finally:
+        model.train(was_training)
+    new_tokens = generated[:, prompt_input_ids.shape[1] :]
+    return pack_rollouts(prompt_input_ids, prompt_attention_mask, new_tokens, num_samples, eos_token_id, pad_token_id)
+
+
+def pack_rollouts(
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    new_tokens: torch.Tensor,
+    num_samples: int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Rollouts:
+    """Cut each sample at its first EOS and lay prompt + response out right-padded."""
+    n = new_tokens.shape[0]
+    prompt_index = torch.arange(n, device=new_tokens.device) // num_samples
+    is_eos = new_tokens == eos_token_id
+    finished = is_eos.any(dim=1)
+    first_eos = torch.where(finished, is_eos.int().argmax(dim=1), torch.full_like(finished, new_tokens.shape[1], dtype=torch.long))
+    response_len = torch.where(finished, first_eos + 1, first_eos)  # EOS is part of the response when present
+    prompt_len = prompt_attention_mask.sum(dim=1)[prompt_index]
+    width = int((prompt_len + response_len).max())
+
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long, device=new_tokens.device)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long, device=new_tokens.device)
+    attention_mask = torch.zeros((n, width), dtype=torch.long, device=new_tokens.device)
+    completion_ids: list[list[int]] = []
+    for j in range(n):
+        p, r = int(prompt_len[j]), int(response_len[j])
+        prompt = prompt_input_ids[prompt_index[j], prompt_input_ids.shape[1] - p :]
+        response = new_tokens[j, :r]
+        input_ids[j, :p] = prompt
+        input_ids[j, p : p + r] = response
+        labels[j, p : p + r] = response
+        attention_mask[j, : p + r] = 1
+        completion_ids.append(new_tokens[j, : int(first_eos[j])].tolist())
+    return Rollouts(input_ids, attention_mask, labels, completion_ids, finished, prompt_index, num_samples)
+
+
+def token_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log π of ``labels`` (shifted), and the mask of tokens that count. Both ``[N, T-1]``."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask
