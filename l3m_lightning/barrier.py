@@ -17,7 +17,10 @@ Tensorish = torch.Tensor | float
 
 
 def _as_tensor(z: Tensorish) -> torch.Tensor:
-    return z if isinstance(z, torch.Tensor) else torch.tensor(float(z), dtype=torch.float64)
+    if isinstance(z, torch.Tensor):
+        # integer/bool tensors are promoted like Python numbers: ``full_like(z, 1/μ)`` would truncate 1/μ
+        return z if z.is_floating_point() else z.to(torch.float64)
+    return torch.tensor(float(z), dtype=torch.float64)
 
 
 def relaxed_log_barrier(z: Tensorish, mu: float) -> torch.Tensor:

@@ -43,9 +43,11 @@ def constraint_multipliers(constraint_estimates: torch.Tensor, mu: float) -> tor
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid entries; 0 (not NaN) when none is valid."""
+    """Mean over the valid entries; 0 (not NaN) when none is valid. Invalid entries are never read, so a
+    NaN/inf there (e.g. a dropped sample's log-prob) cannot leak into the mean or its gradient."""
+    valid = valid.bool()
     weight = valid.to(values.dtype)
-    return (values * weight).sum() / weight.sum().clamp(min=1)
+    return torch.where(valid, values, torch.zeros_like(values)).sum() / weight.sum().clamp(min=1)
 
 
 def policy_gradient_surrogate(
