@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -50,14 +52,40 @@ def run(name: str, max_steps: int, eval_rows: int, out: Path) -> dict:
     return row
 
 
+def run_in_parallel(args: argparse.Namespace) -> list[dict]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for name in args.runs:
+        row_json = args.out / f"row-{name}.json"
+        cmd = [sys.executable, __file__, "--runs", name, "--max-steps", str(args.max_steps), "--eval-rows", str(args.eval_rows),
+               "--out", str(args.out), "--row-json", str(row_json)]
+        log = open(args.out / f"{name}.log", "w")
+        procs.append((name, row_json, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    rows = []
+    for name, row_json, proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"run {name} failed: see {args.out / (name + '.log')}")
+        rows.append(json.loads(row_json.read_text()))
+    return rows
+
+
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--eval-rows", type=int, default=256, help="held-out prompts sampled for the length")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    parser.add_argument("--parallel", action="store_true", help="one process per run, one thread each")
+    parser.add_argument("--row-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    rows = [run(name, args.max_steps, args.eval_rows, args.out) for name in args.runs]
+    if args.row_json:  # child of --parallel: one run, one JSON row
+        args.row_json.write_text(json.dumps(run(args.runs[0], args.max_steps, args.eval_rows, args.out)))
+        return
+    if args.parallel:
+        rows = run_in_parallel(args)
+    else:
+        rows = [run(name, args.max_steps, args.eval_rows, args.out) for name in args.runs]
 
     sft = next((r for r in rows if r["run"] == "sft"), None)
     print(f"\n{'run':<16} {'test ppl':>9} {'ppl/sft':>8} {'mean len':>9}  constraint       satisfied")

@@ -45,6 +45,10 @@ class L3MModule(L.LightningModule):
             keep the policy gradient unbiased.
         mu_start / mu_floor / mu_decay / mu_decay_every: μ ← max(floor, decay·μ) every N steps.
         constraint_ema: EMA of Ĉ_i before reading λ_i off (0 = off; our option, not the paper's).
+        sft_loss_reduction: ``"token"`` (the paper's: mean NLL per reference token) or ``"sequence"``
+            (summed over each response, mean over responses). It sets how much the task loss resists
+            a constraint: per token it resists ~1/(mean response length) as much, so the same
+            barrier settles deeper inside the feasible set (see docs/method.md, "Units").
         learning_rate / weight_decay / warmup_ratio / min_lr_ratio: AdamW with linear warm-up then cosine.
         log_samples_every_n_steps: how often sampled prompt/response pairs go to TensorBoard as text.
         val_generate: sample one response per held-out prompt in validation/test and log constraint values.
@@ -70,6 +74,7 @@ class L3MModule(L.LightningModule):
         mu_decay: float = 0.9,
         mu_decay_every: int = 10,
         constraint_ema: float = 0.0,
+        sft_loss_reduction: str = "token",
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -86,6 +91,8 @@ class L3MModule(L.LightningModule):
             raise ValueError(f"model.num_samples must be >= 1, got {num_samples}")
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if sft_loss_reduction not in ("token", "sequence"):
+            raise ValueError(f"model.sft_loss_reduction must be 'token' or 'sequence', got {sft_loss_reduction!r}")
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         self.save_hyperparameters()
@@ -101,10 +108,9 @@ class L3MModule(L.LightningModule):
 
     # --- the training step ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        sft_loss = self.sft_loss(batch)
+        sft_loss, token_nll = self.sft_loss(batch)
         loss = sft_loss
-        self.log_dict({"train/sft_loss": sft_loss.detach(), "train/ppl": sft_loss.detach().exp()}, prog_bar=True)
-        self.log("barrier/mu", self.mu_schedule.mu)
+        self.log_dict({"train/sft_loss": token_nll, "train/ppl": token_nll.exp()}, prog_bar=True)
 
         if self.constraints:
             rollouts = self.sample(batch, self.hparams.num_samples)
@@ -114,6 +120,7 @@ class L3MModule(L.LightningModule):
             logp, mask = token_logprobs(self.model, rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
             surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
             loss = loss + surrogate
+            self.log("barrier/mu", self.mu_schedule.mu)
             self.log_constraints(rewards, costs, valid, estimates, multipliers, rollouts)
             self.maybe_log_samples(batch, rollouts)
         return loss
@@ -125,10 +132,12 @@ class L3MModule(L.LightningModule):
         self.mu_schedule.step()
 
     # --- pieces of the step -----------------------------------------------------------------------
-    def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Token-mean NLL of the reference responses."""
+    def sft_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SFT loss (per token by default, or per response) and the detached per-token NLL."""
         logp, mask = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return -logp.sum() / mask.sum().clamp(min=1)
+        token_nll = -logp.sum() / mask.sum().clamp(min=1)
+        loss = -logp.sum() / logp.shape[0] if self.hparams.sft_loss_reduction == "sequence" else token_nll
+        return loss, token_nll.detach()
 
     def sample(self, batch: dict[str, Any], num_samples: int) -> Rollouts:
         hp = self.hparams
@@ -156,7 +165,7 @@ class L3MModule(L.LightningModule):
 
     def all_reduced_means(self, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Per-constraint mean over the valid samples of *all* ranks, so every rank gets the same λ."""
-        sums = torch.stack([(values * valid).sum(dim=1), valid.sum(dim=1).to(values.dtype)])
+        sums = torch.stack([torch.where(valid, values, 0.0).sum(dim=1), valid.sum(dim=1).to(values.dtype)])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if self._trainer is not None else sums
         return sums[0] / sums[1].clamp(min=1)
 
