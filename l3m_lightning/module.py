@@ -48,7 +48,7 @@ class L3MModule(L.LightningModule):
         sft_loss_reduction: ``"token"`` (the paper's: mean NLL per reference token) or ``"sequence"``
             (summed over each response, mean over responses). It sets how much the task loss resists
             a constraint: per token it resists ~1/(mean response length) as much, so the same
-            barrier settles deeper inside the feasible set (see docs/method.md, "Units").
+            barrier settles deeper inside the feasible set (see README, "Choosing scale, μ and the SFT reduction").
         learning_rate / weight_decay / warmup_ratio / min_lr_ratio: AdamW with linear warm-up then cosine.
         log_samples_every_n_steps: how often sampled prompt/response pairs go to TensorBoard as text.
         val_generate: sample one response per held-out prompt in validation/test and log constraint values.
@@ -184,7 +184,7 @@ class L3MModule(L.LightningModule):
 
     def maybe_log_samples(self, batch: dict[str, Any], rollouts: Rollouts, max_rows: int = 4) -> None:
         every = self.hparams.log_samples_every_n_steps
-        if not every or self.global_step % every or not self.trainer.is_global_zero:
+        if not every or self._trainer is None or self.global_step % every or not self.trainer.is_global_zero:
             return
         experiment = getattr(self.logger, "experiment", None)
         if not hasattr(experiment, "add_text"):
@@ -208,7 +208,6 @@ class L3MModule(L.LightningModule):
         self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
         if self.hparams.val_generate:
             rollouts = self.sample(batch, num_samples=1)
-            n = len(rollouts.completion_ids)
             lengths = torch.tensor([float(len(ids)) for ids in rollouts.completion_ids], device=self.device)
             self.val_means["completions__mean_length"].update(lengths)
             if self.constraints:
@@ -217,7 +216,6 @@ class L3MModule(L.LightningModule):
                     if valid[i].any():
                         self.val_means[f"constraints__{c.name}__value"].update(costs[i][valid[i]].float())
                         self.val_means[f"constraints__{c.name}__reward"].update(rewards[i][valid[i]].float())
-            del n
 
     def _eval_epoch_end(self, prefix: str) -> None:
         self.log(f"{prefix}/ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=False)

@@ -1,0 +1,92 @@
+"""L3MModule pieces without a Trainer: plain SFT without constraints, bad rewards, the loss reductions."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from constraints import CONSTRAINTS, Constraint
+from l3m_lightning.data import ChatCollator, tokenize_messages
+from l3m_lightning.module import L3MModule
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+
+
+@pytest.fixture()
+def batch(tokenizer):
+    rows = []
+    for q, a in [("What is 2 plus 2?", "4."), ("Name a colour.", "Red is a colour that many flags use.")]:
+        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        rows.append({**tokenize_messages(tokenizer, messages, 64, 64), "prompt_text": q, "response_text": a})
+    return ChatCollator(tokenizer.pad_token_id)(rows)
+
+
+def _module(**kwargs) -> L3MModule:
+    module = L3MModule(model_config=TINY, max_new_tokens=4, **kwargs)
+    module.log = module.log_dict = lambda *a, **k: None  # no Trainer attached
+    return module
+
+
+def test_without_constraints_the_step_is_plain_sft(batch):
+    module = _module()
+    with mock.patch.object(module, "sample", side_effect=AssertionError("SFT must not sample")):
+        loss = module.training_step(batch, 0)
+    assert torch.allclose(loss, module.sft_loss(batch)[0])
+
+
+def test_sequence_reduction_scales_by_tokens_per_response(batch):
+    token, _ = _module().sft_loss(batch)
+    sequence, token_nll = _module(sft_loss_reduction="sequence").sft_loss(batch)
+    tokens_per_response = (batch["labels"][:, 1:] != -100).sum() / batch["labels"].shape[0]
+    assert torch.allclose(token_nll, token.detach())
+    assert torch.allclose(sequence, token * tokens_per_response)
+
+
+def test_constrained_step_reads_lambda_off_the_barrier(batch):
+    import l3m_lightning.module as module_py
+    from l3m_lightning.barrier import relaxed_log_barrier_grad
+
+    module = _module(constraints=[{"name": "length", "threshold": 2, "scale": 4}], num_samples=2, mu_start=0.5)
+    calls = []
+    real = module_py.policy_gradient_surrogate
+
+    def spy(logprobs, costs, multipliers, group_size, valid):
+        calls.append((logprobs, costs, multipliers, group_size))
+        return real(logprobs, costs, multipliers, group_size, valid)
+
+    torch.manual_seed(0)
+    with mock.patch.object(module_py, "policy_gradient_surrogate", spy):
+        loss = module.training_step(batch, 0)
+    logprobs, costs, multipliers, group_size = calls[0]
+    assert group_size == 2 and logprobs.shape == (4,) and logprobs.requires_grad
+    estimate = costs.mean()  # Ĉ = mean of (length - 2)/4 over the 4 samples
+    assert multipliers.item() == pytest.approx(relaxed_log_barrier_grad(estimate, 0.5).item())
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+class _NaNReward(Constraint):
+    default_scale = 1.0
+
+    def score(self, prompts, completions, completion_ids, **columns):
+        return [float("nan")] * len(completions)
+
+
+def test_nan_reward_fails_the_step_naming_constraint_and_sample(batch):
+    CONSTRAINTS["nan_reward"] = _NaNReward
+    try:
+        module = _module(constraints=[{"name": "nan_reward", "threshold": 0.0}])
+        with pytest.raises(ValueError, match=r"constraint 'nan_reward': score\(\) returned nan for sample 0"):
+            module.training_step(batch, 0)
+    finally:
+        CONSTRAINTS.pop("nan_reward")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_samples", 0, "model.num_samples must be >= 1"),
+    ("temperature", 0.0, "model.temperature must be > 0"),
+    ("sft_loss_reduction", "mean", "model.sft_loss_reduction must be 'token' or 'sequence'"),
+])
+def test_bad_hyperparameters_fail_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        L3MModule(model_config=TINY, **{field: value})
