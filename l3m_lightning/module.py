@@ -4,7 +4,7 @@ The training step (method.md §5), top to bottom in ``training_step``:
 
 1. SFT: token-mean NLL of the reference responses (prompt tokens masked).
 2. Sample K responses per prompt (no grad, KV cache, stop at EOS); score every constraint.
-3. Ĉ_i = mean of c_ij (all-reduced across ranks); λ_i = B'_μ(Ĉ_i)/k.
+3. Ĉ_i = mean of c_ij (all-reduced across ranks); λ_i = B'_μ(Ĉ_i)/k (or a baseline's λ).
 4. loss = L_sft + Σ_i sg(λ_i) · mean_j[sg(c_ij − β_ij) · log π(y_j|x_j)], β = leave-one-out.
 5. One optimiser step (Lightning); μ decays on schedule after it.
 
@@ -25,7 +25,8 @@ from torchmetrics.text import Perplexity
 from constraints import Constraint, build_constraints
 from l3m_lightning.barrier import MuSchedule
 from l3m_lightning.data import IGNORE_INDEX
-from l3m_lightning.estimator import ExponentialMovingAverage, constraint_multipliers, masked_mean, policy_gradient_surrogate
+from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, policy_gradient_surrogate
+from l3m_lightning.multipliers import MultiplierRule
 from l3m_lightning.policy import EMBEDDED, load_policy, load_tokenizer
 from l3m_lightning.sampling import Rollouts, sample_rollouts, token_logprobs
 from l3m_lightning.schedules import warmup_cosine
@@ -45,6 +46,8 @@ class L3MModule(L.LightningModule):
             keep the policy gradient unbiased.
         mu_start / mu_floor / mu_decay / mu_decay_every: μ ← max(floor, decay·μ) every N steps.
         constraint_ema: EMA of Ĉ_i before reading λ_i off (0 = off; our option, not the paper's).
+        method: ``barrier`` (L3M), ``lagrangian`` (the paper's MM baseline: λ ← max(0, λ + dual_lr·Ĉ),
+            from ``dual_init``) or ``penalty`` (fixed ``penalty_weights``); see multipliers.py.
         sft_loss_reduction: ``"token"`` (the paper's: mean NLL per reference token) or ``"sequence"``
             (summed over each response, mean over responses). It sets how much the task loss resists
             a constraint: per token it resists ~1/(mean response length) as much, so the same
@@ -74,6 +77,10 @@ class L3MModule(L.LightningModule):
         mu_decay: float = 0.9,
         mu_decay_every: int = 10,
         constraint_ema: float = 0.0,
+        method: str = "barrier",
+        dual_lr: float = 0.1,
+        dual_init: float | list[float] = 0.0,
+        penalty_weights: list[float] | None = None,
         sft_loss_reduction: str = "token",
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
@@ -99,6 +106,7 @@ class L3MModule(L.LightningModule):
         self.constraints: list[Constraint] = build_constraints(constraints)
         self.mu_schedule = MuSchedule(start=mu_start, floor=mu_floor, factor=mu_decay, every=mu_decay_every)
         self.constraint_ema = ExponentialMovingAverage(constraint_ema)
+        self.multiplier_rule = MultiplierRule(method, len(self.constraints), dual_lr, dual_init, penalty_weights)
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path)
         self.model = load_policy(model_name_or_path, self.tokenizer, model_config, torch_dtype, seed=init_seed)
         if gradient_checkpointing:
@@ -116,7 +124,7 @@ class L3MModule(L.LightningModule):
             rollouts = self.sample(batch, self.hparams.num_samples)
             rewards, costs, valid = self.score(batch, rollouts)
             estimates = self.all_reduced_means(costs, valid)
-            multipliers = constraint_multipliers(self.constraint_ema.update(estimates), self.mu_schedule.mu)
+            multipliers = self.multiplier_rule(self.constraint_ema.update(estimates), self.mu_schedule.mu)
             logp, mask = token_logprobs(self.model, rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
             surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
             loss = loss + surrogate
@@ -274,6 +282,7 @@ class L3MModule(L.LightningModule):
         checkpoint["l3m"] = {
             "mu_schedule": self.mu_schedule.state_dict(),
             "constraint_ema": self.constraint_ema.state_dict(),
+            "multipliers": self.multiplier_rule.state_dict(),
             "constraints": {c.name: c.state_dict() for c in self.constraints},
         }
 
@@ -283,6 +292,8 @@ class L3MModule(L.LightningModule):
             return
         self.mu_schedule.load_state_dict(state["mu_schedule"])
         self.constraint_ema.load_state_dict(state["constraint_ema"])
+        if "multipliers" in state:
+            self.multiplier_rule.load_state_dict(state["multipliers"])
         for c in self.constraints:
             if c.name in state["constraints"]:
                 c.load_state_dict(state["constraints"][c.name])

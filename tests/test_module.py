@@ -90,3 +90,20 @@ def test_nan_reward_fails_the_step_naming_constraint_and_sample(batch):
 def test_bad_hyperparameters_fail_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         L3MModule(model_config=TINY, **{field: value})
+
+
+def test_checkpoint_round_trip_restores_mu_and_learned_multipliers(batch):
+    spec = [{"name": "length", "threshold": 2, "scale": 4}]
+    trained = _module(constraints=spec, method="lagrangian", dual_lr=0.5, num_samples=2)
+    torch.manual_seed(0)
+    trained.training_step(batch, 0)
+    for _ in range(3):
+        trained.mu_schedule.step()
+    checkpoint: dict = {}
+    trained.on_save_checkpoint(checkpoint)
+
+    resumed = _module(constraints=spec, method="lagrangian", dual_lr=0.5, num_samples=2)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.mu_schedule.state_dict() == trained.mu_schedule.state_dict()
+    assert torch.equal(resumed.multiplier_rule.lambdas, trained.multiplier_rule.lambdas)
+    assert trained.multiplier_rule.lambdas.item() > 0  # the step moved λ off its zero start

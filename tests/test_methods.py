@@ -1,0 +1,78 @@
+"""The baselines on the categorical toy of test_convergence: lagrangian (MM) and penalty."""
+
+import math
+
+import pytest
+import torch
+
+from l3m_lightning.estimator import policy_gradient_surrogate
+from l3m_lightning.multipliers import MultiplierRule
+from test_convergence import CASES, LENGTHS, cross_entropy, kkt_solution
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(rule: MultiplierRule, c: torch.Tensor, seed: int = 0, steps: int = 600, samples: int = 8192):
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.zeros(LENGTHS.numel(), dtype=F64, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=0.02)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / steps)))
+    lams = []
+    for _ in range(steps):
+        logprobs = torch.log_softmax(theta, 0)
+        idx = torch.multinomial(logprobs.detach().exp(), samples * 2, replacement=True, generator=gen)
+        costs = c[idx][None]
+        lam = rule(costs.mean(dim=1), mu=1.0)
+        loss = cross_entropy(logprobs) + policy_gradient_surrogate(logprobs.gather(0, idx), costs, lam, group_size=2)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([theta], 1.0)
+        opt.step()
+        sched.step()
+        lams.append(lam.item())
+    return torch.softmax(theta.detach(), 0), torch.tensor(lams)
+
+
+@pytest.mark.parametrize("case", ["at_most", "at_least"])
+def test_lagrangian_reaches_kkt_point_and_true_multiplier(case):
+    c, limit, _ = CASES[case]
+    lam_star, pi_star = kkt_solution(c)
+    pi, lams = run(MultiplierRule("lagrangian", 1, dual_lr=0.05), c)
+    assert (pi - pi_star).abs().max().item() < 0.02
+    assert (pi @ LENGTHS).item() == pytest.approx(limit, abs=0.3)
+    assert lams[-100:].mean().item() == pytest.approx(lam_star, rel=0.1)
+
+
+def test_penalty_with_the_true_multiplier_reaches_the_kkt_point_and_a_wrong_weight_does_not():
+    c, limit, _ = CASES["at_most"]
+    lam_star, pi_star = kkt_solution(c)
+    pi, lams = run(MultiplierRule("penalty", 1, penalty_weights=[lam_star]), c)
+    assert (lams == lam_star).all()
+    assert (pi - pi_star).abs().max().item() < 0.02
+    weak, _ = run(MultiplierRule("penalty", 1, penalty_weights=[lam_star / 4]), c)
+    assert (weak @ LENGTHS).item() > limit + 0.5  # too small a weight leaves the constraint violated
+
+
+def test_rule_state_round_trip_and_config_errors():
+    rule = MultiplierRule("lagrangian", 2, dual_lr=0.5, dual_init=[0.0, 1.0])
+    out = rule(torch.tensor([0.2, -4.0], dtype=F64), mu=1.0)
+    assert out.tolist() == pytest.approx([0.1, 0.0])  # projected onto λ ≥ 0
+    fresh = MultiplierRule("lagrangian", 2, dual_lr=0.5)
+    fresh.load_state_dict(rule.state_dict())
+    assert fresh.lambdas.tolist() == pytest.approx([0.1, 0.0])
+    with pytest.raises(ValueError, match="trained with method 'lagrangian'"):
+        MultiplierRule("barrier", 2).load_state_dict(rule.state_dict())
+    with pytest.raises(ValueError, match="model.method must be one of barrier, lagrangian, penalty"):
+        MultiplierRule("mm", 1)
+    with pytest.raises(ValueError, match="model.penalty_weights is required"):
+        MultiplierRule("penalty", 1)
+    with pytest.raises(ValueError, match=r"model.penalty_weights needs one value per constraint \(2\)"):
+        MultiplierRule("penalty", 2, penalty_weights=[1.0])
