@@ -19,15 +19,17 @@ from typing import Any
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric
 from torchmetrics.text import Perplexity
 
 from constraints import Constraint, build_constraints
 from l3m_lightning.barrier import MuSchedule
+from l3m_lightning.callbacks import JsonlPredictionWriter
 from l3m_lightning.data import IGNORE_INDEX
 from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, policy_gradient_surrogate
 from l3m_lightning.multipliers import MultiplierRule
 from l3m_lightning.policy import EMBEDDED, load_policy, load_tokenizer
+from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
 from l3m_lightning.sampling import Rollouts, sample_rollouts, token_logprobs
 from l3m_lightning.schedules import warmup_cosine
 
@@ -112,7 +114,9 @@ class L3MModule(L.LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
-        self.val_means = torch.nn.ModuleDict({key: MeanMetric() for key in self._eval_metric_keys()})
+        self.loaded_global_step = 0
+        # Held-out samples' values, gathered across ranks at epoch end (means and confidence intervals).
+        self.eval_values = torch.nn.ModuleDict({key: CatMetric() for key in self._eval_metric_keys()})
 
     # --- the training step ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -125,6 +129,7 @@ class L3MModule(L.LightningModule):
             rewards, costs, valid = self.score(batch, rollouts)
             estimates = self.all_reduced_means(costs, valid)
             multipliers = self.multiplier_rule(self.constraint_ema.update(estimates), self.mu_schedule.mu)
+            self.last_constraint_stats = {"costs": costs, "valid": valid, "estimates": estimates, "multipliers": multipliers}
             logp, mask = token_logprobs(self.model, rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
             surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
             loss = loss + surrogate
@@ -160,7 +165,18 @@ class L3MModule(L.LightningModule):
             temperature=hp.temperature,
             top_k=hp.top_k,
             top_p=hp.top_p,
+            synced_gpus=self.params_sharded(),
         )
+
+    def params_sharded(self) -> bool:
+        """True under FSDP1/FSDP2 with >1 rank: every forward all-gathers, so ranks must generate in lockstep."""
+        if self._trainer is None or self.trainer.world_size < 2:
+            return False
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+
+        root = self.trainer.strategy.model
+        return isinstance(root, FullyShardedDataParallel) or any(isinstance(p, DTensor) for p in self.model.parameters())
 
     def score(self, batch: dict[str, Any], rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rewards, normalised costs and validity masks, each ``[k, N]`` (float64 / bool, on device)."""
@@ -206,45 +222,58 @@ class L3MModule(L.LightningModule):
 
     # --- held-out evaluation --------------------------------------------------------------------
     def _eval_metric_keys(self) -> list[str]:
-        keys = ["completions/mean_length"]
-        for c in self.constraints:
-            keys += [f"constraints/{c.name}/value", f"constraints/{c.name}/reward"]
-        return [k.replace("/", "__") for k in keys]  # ModuleDict keys cannot contain '.'; keep them flat
+        keys = ["length"] + [f"{c.name}__{kind}" for c in self.constraints for kind in ("cost", "reward")]
+        return keys  # ModuleDict keys cannot contain '.' or '/'
 
-    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
+    def _eval_step(self, batch: dict[str, Any]) -> None:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
-        if self.hparams.val_generate:
-            rollouts = self.sample(batch, num_samples=1)
-            lengths = torch.tensor([float(len(ids)) for ids in rollouts.completion_ids], device=self.device)
-            self.val_means["completions__mean_length"].update(lengths)
-            if self.constraints:
-                rewards, costs, valid = self.score(batch, rollouts)
-                for i, c in enumerate(self.constraints):
-                    if valid[i].any():
-                        self.val_means[f"constraints__{c.name}__value"].update(costs[i][valid[i]].float())
-                        self.val_means[f"constraints__{c.name}__reward"].update(rewards[i][valid[i]].float())
+        if not self.hparams.val_generate:
+            return
+        rollouts = self.sample(batch, num_samples=1)
+        self.eval_values["length"].update(torch.tensor([float(len(ids)) for ids in rollouts.completion_ids], device=self.device))
+        if self.constraints:
+            rewards, costs, valid = self.score(batch, rollouts)
+            for i, c in enumerate(self.constraints):
+                if valid[i].any():
+                    self.eval_values[f"{c.name}__cost"].update(costs[i][valid[i]].float())
+                    self.eval_values[f"{c.name}__reward"].update(rewards[i][valid[i]].float())
 
     def _eval_epoch_end(self, prefix: str) -> None:
-        self.log(f"{prefix}/ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=False)
+        """Log held-out ppl and per-constraint mean ± 95% CI; stand-alone validate/test also write report.json/.md."""
+        # validate/test do not restore the trainer's step: report the step the weights were trained to
+        step = self.global_step or self.loaded_global_step
+        report: dict[str, Any] = {"split": prefix, "global_step": step, "ppl": self.val_ppl.compute().item()}
+        self.log(f"{prefix}/ppl", report["ppl"], prog_bar=True)
         self.val_ppl.reset()
-        for key, metric in self.val_means.items():
-            if metric.update_called:
-                name = key.replace("__", "/")
-                value = metric.compute()
-                self.log(f"{prefix}/{name}", value)
-                if name.endswith("/value"):
-                    self.log(f"{prefix}/{name[: -len('/value')]}/satisfied", (value <= 0).float())
+        values = {k: m.compute() if m.update_called else torch.empty(0) for k, m in self.eval_values.items()}
+        for metric in self.eval_values.values():
             metric.reset()
+        if values["length"].numel():
+            report["mean_length"] = mean_confidence_interval(values["length"])
+            self.log(f"{prefix}/completions/mean_length", report["mean_length"]["mean"])
+        report["constraints"] = []
+        for c in self.constraints:
+            if not values[f"{c.name}__cost"].numel():
+                continue
+            row = constraint_row(c.name, c.sense, c.threshold, values[f"{c.name}__reward"], values[f"{c.name}__cost"])
+            report["constraints"].append(row)
+            base = f"{prefix}/constraints/{c.name}"
+            self.log_dict({f"{base}/value": row["value"]["mean"], f"{base}/reward": row["reward"]["mean"],
+                           f"{base}/reward_ci_low": row["reward"]["low"], f"{base}/reward_ci_high": row["reward"]["high"],
+                           f"{base}/satisfied": float(row["holds"])})
+        stand_alone = self.trainer.state.fn in ("validate", "test")
+        if stand_alone and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            write_report(self.trainer.log_dir or self.trainer.default_root_dir, report)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -257,7 +286,32 @@ class L3MModule(L.LightningModule):
             for p, t, ids in zip(batch["prompts"], texts, rollouts.completion_ids)
         ]
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [JsonlPredictionWriter()]
+
     # --- optimisation ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` each decoder layer, then the root.
+
+        A no-op under every other strategy (no device mesh). Decoder layers are the model's
+        ``_no_split_modules`` classes (``LlamaDecoderLayer`` for the embedded model), so any Hugging
+        Face causal LM is sharded per block. Forward hooks unshard parameters, so ``generate`` works.
+        """
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_fully_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("L3MModule supports FSDP2 data parallelism only: set tensor_parallel_size=1")
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        block_names = set(getattr(self.model, "_no_split_modules", None) or [])
+        for module in list(self.model.modules()):
+            if type(module).__name__ in block_names:
+                fully_shard(module, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
+        self._fully_sharded = True
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         decay, no_decay = [], []
@@ -287,6 +341,7 @@ class L3MModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_global_step = int(checkpoint.get("global_step", 0))
         state = checkpoint.get("l3m")
         if state is None:
             return
@@ -301,11 +356,28 @@ class L3MModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Export the policy and tokenizer with ``save_pretrained`` so any Hugging Face tool loads them."""
         target = self.export_path()
-        if target is None or not self.trainer.is_global_zero:
+        if target is None:
+            return
+        state_dict = self.full_policy_state_dict()  # collective under FSDP: every rank calls it
+        if not self.trainer.is_global_zero:
             return
         target.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(target)
+        self.model.save_pretrained(target, state_dict=state_dict)
         self.tokenizer.save_pretrained(target)
+
+    def full_policy_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full (unsharded, CPU) state dict under FSDP1/FSDP2, else ``None`` (use the module's own)."""
+        if not self.params_sharded():
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        root = self.trainer.strategy.model
+        if isinstance(root, FullyShardedDataParallel):  # FSDP1 wraps the LightningModule: keys are "model.<policy key>"
+            full = get_model_state_dict(root, options=options)
+            return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+        return get_model_state_dict(self.model, options=options)
 
     def export_path(self) -> Path | None:
         if self.hparams.export_dir == "":

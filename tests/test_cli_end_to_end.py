@@ -26,9 +26,9 @@ TINY = [
 ]
 
 
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _cli(tmp_path: Path, *args: str, subcommand: str = "fit") -> subprocess.CompletedProcess:
     runs = tmp_path / "runs"
-    cmd = [sys.executable, str(ROOT / "cli.py"), "fit", *TINY,
+    cmd = [sys.executable, str(ROOT / "cli.py"), subcommand, *TINY,
            "--trainer.logger.init_args.save_dir", str(runs),
            "--trainer.callbacks.init_args.dirpath", str(runs / "ckpt"),
            "--trainer.callbacks.init_args.every_n_train_steps", "2", *args]
@@ -87,3 +87,20 @@ def test_resume_continues_with_the_same_mu(resumed_run):
     resumed_mu = _scalars(tmp_path / "runs" / "quickstart" / "version_1", "barrier/mu")
     assert resumed_mu[0][1] == pytest.approx(0.5**4)
     assert second["optimizer_states"][0]["state"], "optimizer state restored and saved"
+
+
+def test_test_and_predict_write_report_and_jsonl(resumed_run):
+    import json
+
+    tmp_path, _, _ = resumed_run
+    _cli(tmp_path, "--ckpt_path", str(tmp_path / "runs" / "ckpt" / "last.ckpt"), subcommand="test")
+    report_dir = tmp_path / "runs" / "quickstart" / "version_2"
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["split"] == "test" and report["global_step"] == 8 and report["ppl"] > 1
+    (row,) = report["constraints"]
+    assert row["constraint"] == "length" and row["reward"]["n"] == 4 and row["reward"]["low"] <= row["reward"]["mean"] <= row["reward"]["high"]
+    assert "| length | <= 10 |" in (report_dir / "report.md").read_text()
+
+    _cli(tmp_path, "--ckpt_path", str(tmp_path / "runs" / "ckpt" / "last.ckpt"), subcommand="predict")
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "quickstart" / "version_3" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(set(r) == {"prompt", "completion", "num_tokens"} for r in rows)
