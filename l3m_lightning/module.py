@@ -26,6 +26,7 @@ from constraints import Constraint, build_constraints
 from l3m_lightning.barrier import MuSchedule
 from l3m_lightning.callbacks import JsonlPredictionWriter
 from l3m_lightning.data import IGNORE_INDEX
+from l3m_lightning.diagnostics import FeasibilityMonitor
 from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, policy_gradient_surrogate
 from l3m_lightning.multipliers import MultiplierRule
 from l3m_lightning.policy import EMBEDDED, load_policy, load_tokenizer
@@ -50,6 +51,8 @@ class L3MModule(L.LightningModule):
         constraint_ema: EMA of Ĉ_i before reading λ_i off (0 = off; our option, not the paper's).
         method: ``barrier`` (L3M), ``lagrangian`` (the paper's MM baseline: λ ← max(0, λ + dual_lr·Ĉ),
             from ``dual_init``) or ``penalty`` (fixed ``penalty_weights``); see multipliers.py.
+        infeasibility_patience: warn once when a constraint stays this many steps in the barrier's
+            linear region (likely infeasible); 0 disables. Never-active constraints are reported at the end.
         sft_loss_reduction: ``"token"`` (the paper's: mean NLL per reference token) or ``"sequence"``
             (summed over each response, mean over responses). It sets how much the task loss resists
             a constraint: per token it resists ~1/(mean response length) as much, so the same
@@ -84,6 +87,7 @@ class L3MModule(L.LightningModule):
         dual_init: float | list[float] = 0.0,
         penalty_weights: list[float] | None = None,
         sft_loss_reduction: str = "token",
+        infeasibility_patience: int = 200,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -108,6 +112,7 @@ class L3MModule(L.LightningModule):
         self.constraints: list[Constraint] = build_constraints(constraints)
         self.mu_schedule = MuSchedule(start=mu_start, floor=mu_floor, factor=mu_decay, every=mu_decay_every)
         self.constraint_ema = ExponentialMovingAverage(constraint_ema)
+        self.feasibility = FeasibilityMonitor([c.name for c in self.constraints], patience=infeasibility_patience)
         self.multiplier_rule = MultiplierRule(method, len(self.constraints), dual_lr, dual_init, penalty_weights)
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path)
         self.model = load_policy(model_name_or_path, self.tokenizer, model_config, torch_dtype, seed=init_seed)
@@ -134,6 +139,9 @@ class L3MModule(L.LightningModule):
             surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
             loss = loss + surrogate
             self.log("barrier/mu", self.mu_schedule.mu)
+            # the barrier's linear region is Ĉ > −μ²; for the baselines, plain violation Ĉ > 0
+            region_mu = self.mu_schedule.mu if self.hparams.method == "barrier" else 0.0
+            self.feasibility.update(estimates.tolist(), multipliers.tolist(), region_mu)
             self.log_constraints(rewards, costs, valid, estimates, multipliers, rollouts)
             self.maybe_log_samples(batch, rollouts)
         return loss
@@ -337,6 +345,7 @@ class L3MModule(L.LightningModule):
             "mu_schedule": self.mu_schedule.state_dict(),
             "constraint_ema": self.constraint_ema.state_dict(),
             "multipliers": self.multiplier_rule.state_dict(),
+            "feasibility": self.feasibility.state_dict(),
             "constraints": {c.name: c.state_dict() for c in self.constraints},
         }
 
@@ -349,12 +358,16 @@ class L3MModule(L.LightningModule):
         self.constraint_ema.load_state_dict(state["constraint_ema"])
         if "multipliers" in state:
             self.multiplier_rule.load_state_dict(state["multipliers"])
+        if "feasibility" in state:
+            self.feasibility.load_state_dict(state["feasibility"])
         for c in self.constraints:
             if c.name in state["constraints"]:
                 c.load_state_dict(state["constraints"][c.name])
 
     def on_fit_end(self) -> None:
         """Export the policy and tokenizer with ``save_pretrained`` so any Hugging Face tool loads them."""
+        if self.constraints and self.hparams.method == "barrier":
+            self.feasibility.at_end()
         target = self.export_path()
         if target is None:
             return

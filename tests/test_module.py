@@ -107,3 +107,17 @@ def test_checkpoint_round_trip_restores_mu_and_learned_multipliers(batch):
     assert resumed.mu_schedule.state_dict() == trained.mu_schedule.state_dict()
     assert torch.equal(resumed.multiplier_rule.lambdas, trained.multiplier_rule.lambdas)
     assert trained.multiplier_rule.lambdas.item() > 0  # the step moved λ off its zero start
+
+
+def test_feasibility_monitor_warns_once_for_infeasible_and_never_active():
+    from l3m_lightning.diagnostics import FeasibilityMonitor
+
+    monitor = FeasibilityMonitor(["short", "loose"], patience=3)
+    raised = []
+    with pytest.warns(UserWarning, match="constraint 'short'.*linear region"):
+        for _ in range(5):  # 'short' violated every step; 'loose' satisfied with lots of slack
+            raised += monitor.update([0.5, -2.0], [10.0, 1e-5], mu=0.1)
+    assert len(raised) == 1 and "3 steps" in raised[0]
+    with pytest.warns(UserWarning, match="constraint 'loose'.*never exceeded"):
+        assert len(monitor.at_end()) == 1
+    assert monitor.update([-1.0, -2.0], [0.1, 0.0], mu=0.1) == [] and monitor.linear_streak[0] == 0
