@@ -339,6 +339,10 @@ class L3MModule(L.LightningModule):
     def on_fit_start(self) -> None:
         for c in self.constraints:
             c.setup(self.device)
+        if self.trainer.world_size > 1:
+            # seed_everything gives every rank the same stream; sampling must differ across ranks or
+            # their responses are correlated and more ranks do not reduce the estimator's variance
+            torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["l3m"] = {

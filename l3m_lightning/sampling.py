@@ -42,8 +42,15 @@ def sample_rollouts(
     top_k: int = 0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    synced_gpus: bool | None = None,
 ) -> Rollouts:
-    """Sample ``num_samples`` responses for each left-padded prompt; no gradient is recorded."""
+    """Sample ``num_samples`` responses for each left-padded prompt; no gradient is recorded.
+
+    ``synced_gpus=True`` keeps every rank running forward passes until all ranks' rows have stopped:
+    required when parameters are sharded (FSDP1/FSDP2), where each forward all-gathers parameters
+    collectively and a rank that stopped early would leave the others waiting. ``None`` lets
+    transformers decide (it only recognises models it wrapped itself).
+    """
     config = GenerationConfig(
         do_sample=do_sample,
         temperature=temperature if do_sample else None,
@@ -58,7 +65,9 @@ def sample_rollouts(
     was_training = model.training
     model.eval()
     try:
-        generated = model.generate(input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, generation_config=config)
+        generated = model.generate(
+            input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, generation_config=config, synced_gpus=synced_gpus
+        )
     finally:
         model.train(was_training)
     new_tokens = generated[:, prompt_input_ids.shape[1] :]

@@ -1,0 +1,311 @@
+"""Where an L3M training step spends its time, against an SFT step and a bare KV-cached decode loop.
+
+    OMP_NUM_THREADS=1 python bench/step_time.py                      # small defaults, ~2 min on 2 CPU cores
+    python bench/step_time.py --configs 50m --batch-size 8 --num-samples 4 --max-new-tokens 64 --steps 5
+
+For each model config (``embedded``: the embedded default; ``50m``: a ~50M-parameter Llama via
+``model_config`` overrides), on one real batch of the embedded data, it times (median over
+``--steps`` after ``--warmup`` untimed steps):
+
+* the phases of ``L3MModule.training_step`` run one by one: SFT forward/backward, sampling
+  (``L3MModule.sample``: transformers ``generate``, KV cache), scoring (decode + constraints),
+  policy-gradient forward/backward (``token_logprobs`` + surrogate), optimiser (AdamW step);
+* the real thing end to end: ``training_step`` + one backward + optimiser step ("L3M step"),
+  and an SFT step (SFT forward/backward + optimiser);
+* a bare KV-cached sampling loop (prefill, then one token per step for every row, no stopping, no
+  logits processors) on the same model, prompts and K: the practical limit for sampling here.
+
+Reported: per-phase ms, sampled tokens/s, sampling throughput as a fraction of the bare loop,
+L3M step / SFT step, L3M step / (SFT step + sampling + scoring + PG fwd/bwd) (1.0 = no hidden
+overhead), peak memory (max RSS of the process on CPU — each config runs in its own subprocess —
+or ``torch.cuda.max_memory_allocated`` on GPU). The table is printed and the JSON written to
+``bench/results/step_time.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CONFIGS = {
+    "embedded": {},  # the embedded default: hidden 128, 4 layers
+    "50m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 9, "num_key_value_heads": 9},
+}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    def __init__(self, device) -> None:
+        self.device, self.times = device, {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                _sync(timer.device)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                _sync(timer.device)
+                timer.times.setdefault(name, []).append(time.perf_counter() - self.t0)
+
+        return _Ctx()
+
+
+def bare_decode(model, prompt_ids, prompt_mask, num_samples: int, max_new_tokens: int, temperature: float = 1.0):
+    """Prefill + ``max_new_tokens`` single-token steps with the KV cache for every row; returns [N, T] tokens."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = prompt_ids.repeat_interleave(num_samples, dim=0)
+    mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = []
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos = position_ids[:, -1:] + 1
+        for _ in range(max_new_tokens):
+            token = torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1)
+            out.append(token)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = model(input_ids=token, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+    return torch.cat(out, dim=1)
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return rss_kb / 1024
+
+
+def run_one(name: str, args) -> dict:
+    import torch
+
+    from l3m_lightning.data import ChatDataModule
+    from l3m_lightning.module import L3MModule
+    from l3m_lightning.estimator import policy_gradient_surrogate
+    from l3m_lightning.sampling import token_logprobs
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    overrides = dict(CONFIGS[name])
+    module = L3MModule(
+        model_config=overrides or None,
+        constraints=[{"name": "length", "sense": "at_most", "threshold": 10, "scale": 10}],
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        sft_loss_reduction="sequence",
+        learning_rate=1e-4,
+        torch_dtype=None,
+    ).to(device)
+    if args.dtype != "float32":
+        module.model.to(getattr(torch, args.dtype))
+    module.train()
+    n_params = sum(p.numel() for p in module.model.parameters())
+
+    data = ChatDataModule(batch_size=args.batch_size, embedded_num_prompts=max(200, 4 * args.batch_size), max_val_rows=8)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-4)
+    timer = Timer(device)
+    no_eos = _NoEos(module)  # no row stops early: generate and the bare loop do the same work
+
+    def sft_step():
+        with timer("sft_step"):
+            loss, _ = module.sft_loss(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def phases():
+        with timer("sft_fwd_bwd"):
+            loss, _ = module.sft_loss(batch)
+            loss.backward()
+        with timer("sampling"), no_eos:
+            rollouts = module.sample(batch, args.num_samples)
+        with timer("scoring"):
+            rewards, costs, valid = module.score(batch, rollouts)
+            estimates = module.all_reduced_means(costs, valid)
+            multipliers = module.multiplier_rule(estimates, module.mu_schedule.mu)
+        with timer("pg_fwd_bwd"):
+            logp, _ = token_logprobs(module.model, rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
+            surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
+            surrogate.backward()
+        with timer("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return sum(len(ids) + int(f) for ids, f in zip(rollouts.completion_ids, rollouts.finished))
+
+    def l3m_step():
+        with timer("l3m_step"), no_eos:
+            loss = module.training_step(batch, 0)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def bare():
+        with timer("bare_decode"):
+            tokens = bare_decode(module.model, batch["prompt_input_ids"], batch["prompt_attention_mask"], args.num_samples, args.max_new_tokens)
+        return tokens.numel()
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    sampled, bare_tokens = [], []
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            timer.times.clear()
+            sampled.clear(), bare_tokens.clear()
+        sft_step()
+        sampled.append(phases())
+        l3m_step()
+        bare_tokens.append(bare())
+
+    med = {k: statistics.median(v) for k, v in timer.times.items()}
+    tok_sampled = statistics.median(sampled)
+    parts = med["sft_step"] + med["sampling"] + med["scoring"] + med["pg_fwd_bwd"]
+    return {
+        "config": name,
+        "model_config": {**overrides},
+        "params_millions": n_params / 1e6,
+        "batch_size": args.batch_size,
+        "num_samples": args.num_samples,
+        "max_new_tokens": args.max_new_tokens,
+        "prompt_tokens": int(batch["prompt_input_ids"].shape[1]),
+        "sft_tokens": int(batch["input_ids"].shape[1]),
+        "ms": {k: 1000 * v for k, v in med.items()},
+        "sampled_tokens": tok_sampled,
+        "sampled_tokens_per_s": tok_sampled / med["sampling"],
+        "bare_decode_tokens_per_s": statistics.median(bare_tokens) / med["bare_decode"],
+        "sampling_fraction_of_bare": (tok_sampled / med["sampling"]) / (statistics.median(bare_tokens) / med["bare_decode"]),
+        "l3m_over_sft_step": med["l3m_step"] / med["sft_step"],
+        "l3m_over_parts": med["l3m_step"] / parts,
+        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+    }
+
+
+class _NoEos:
+    """Generation ignores EOS while timing, so every row produces ``max_new_tokens`` tokens in both loops."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __enter__(self):
+        self._orig = self.module.sample
+
+        def sample(batch, num_samples):
+            from l3m_lightning.sampling import sample_rollouts
+
+            hp = self.module.hparams
+            # eos_token_id=-1 never matches a token: no row stops early.
+            return sample_rollouts(self.module.model, batch["prompt_input_ids"], batch["prompt_attention_mask"], num_samples=num_samples,
+                                   max_new_tokens=hp.max_new_tokens, eos_token_id=-1, pad_token_id=self.module.tokenizer.pad_token_id,
+                                   temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
+
+        self.module.sample = sample
+        return self
+
+    def __exit__(self, *exc):
+        self.module.sample = self._orig
+
+
+def table(results: list[dict]) -> str:
+    phases = ["sft_fwd_bwd", "sampling", "scoring", "pg_fwd_bwd", "optimizer", "sft_step", "l3m_step", "bare_decode"]
+    head = f"{'config':<10}{'params':>8}" + "".join(f"{p:>13}" for p in phases)
+    lines = ["per-step time, ms (median)", head]
+    for r in results:
+        lines.append(f"{r['config']:<10}{r['params_millions']:>7.1f}M" + "".join(f"{r['ms'][p]:>13.1f}" for p in phases))
+    lines += ["", f"{'config':<10}{'sampled tok/s':>15}{'bare tok/s':>12}{'sampling/bare':>15}{'L3M/SFT step':>14}{'L3M/parts':>11}{'peak MB':>10}"]
+    for r in results:
+        lines.append(f"{r['config']:<10}{r['sampled_tokens_per_s']:>15.0f}{r['bare_decode_tokens_per_s']:>12.0f}{r['sampling_fraction_of_bare']:>15.2f}"
+                     f"{r['l3m_over_sft_step']:>14.2f}{r['l3m_over_parts']:>11.2f}{r['peak_memory_mb']:>10.0f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["embedded", "50m"], choices=sorted(CONFIGS))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-samples", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "step_time.json"))
+    parser.add_argument("--_one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._one:  # child: one config, result as JSON on the last stdout line
+        print(json.dumps(run_one(args._one, args)))
+        return
+
+    results = []
+    for name in args.configs:  # one subprocess per config, so peak RSS is that config's
+        cmd = [sys.executable, __file__, "--_one", name, "--batch-size", str(args.batch_size), "--num-samples", str(args.num_samples),
+               "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device, "--dtype", args.dtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"done: {name}", file=sys.stderr)
+
+    import torch
+
+    meta = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+    print(table(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"\nwrote {out}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Test-only callback for the 2-process runs in test_distributed.py (imported by the CLI subprocess).
+
+After every training batch it records, per rank, the μ the step used, the local constraint costs and
+validity masks and the estimates/multipliers the module applied (``L3MModule.last_constraint_stats``),
+and rewrites ``<out_dir>/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+
+class LambdaDump(L.Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.records: list[dict] = []
+        self._mu = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._mu = pl_module.mu_schedule.mu  # μ decays in optimizer_step, i.e. before batch end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = pl_module.last_constraint_stats
+        self.records.append({
+            "step": trainer.global_step,
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "mu": self._mu,
+            "costs": stats["costs"].double().cpu().tolist(),
+            "valid": stats["valid"].cpu().tolist(),
+            "estimates": stats["estimates"].double().cpu().tolist(),
+            "multipliers": stats["multipliers"].double().cpu().tolist(),
+            "strategy": type(trainer.strategy).__name__,
+            "sharded": pl_module.params_sharded(),
+        })
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))
+
+
+def token_mix(prompts, completions, completion_ids, **kwargs):
+    """A reward that varies per sample and per prompt and drops some samples (``None``), so the
+    rank-local means and sample counts differ from the all-reduced ones."""
+    out = []
+    for prompt, ids in zip(prompts, completion_ids):
+        key = sum(map(ord, prompt)) + sum(ids)
+        out.append(None if key % 4 == 0 else (key % 101) / 101)
+    return out
