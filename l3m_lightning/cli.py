@@ -1,8 +1,13 @@
-"""LightningCLI over L3MModule and ChatDataModule: ``python cli.py fit --config configs/quickstart.yaml``."""
+"""LightningCLI over L3MModule and ChatDataModule: ``python cli.py fit --config configs/quickstart.yaml``.
+
+``python cli.py rm fit --config configs/rm-harmless.yaml`` trains a reward model instead.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -24,8 +29,17 @@ class L3MCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> L3MCLI:
+def main(args: list[str] | None = None):
+    """``cli.py {fit,validate,test,predict} ...`` trains the policy; ``cli.py rm fit ...`` trains a reward model."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["rm"]:
+        from l3m_lightning.reward_cli import main as reward_model_main
+
+        # sys.argv keeps "rm" so that DDP's re-launched processes take this branch too
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+            return reward_model_main(argv[1:])
     return L3MCLI(
         L3MModule,
         ChatDataModule,

@@ -148,9 +148,11 @@ class ChatDataModule(L.LightningDataModule):
             return Dataset.from_list(generate_rows(num_prompts=hp.embedded_num_prompts, seed=hp.split_seed)), None, None
         path = Path(hp.dataset).expanduser()
         if path.is_file():
-            builder = _FILE_BUILDERS.get("".join(path.suffixes[-1:]).lower())
+            suffixes = [x.lower() for x in path.suffixes]
+            compressed = suffixes[-1:] in ([".gz"], [".bz2"], [".xz"], [".zst"])
+            builder = _FILE_BUILDERS.get(suffixes[-2] if compressed and len(suffixes) > 1 else (suffixes or [""])[-1])
             if builder is None:
-                raise ValueError(f"data.dataset: unsupported file type {path.suffix!r}; expected one of {sorted(_FILE_BUILDERS)}")
+                raise ValueError(f"data.dataset: unsupported file type {''.join(path.suffixes)!r}; expected one of {sorted(_FILE_BUILDERS)}, optionally .gz")
             return load_dataset(builder, data_files=str(path), split="train"), None, None
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
             loaded = load_from_disk(str(path))

@@ -336,9 +336,22 @@ class L3MModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- state and outputs ----------------------------------------------------------------------
-    def on_fit_start(self) -> None:
+    def setup_constraints(self) -> None:
+        """Put constraint models (reward models) on this device; cheap after the first call."""
         for c in self.constraints:
             c.setup(self.device)
+
+    def on_validation_start(self) -> None:
+        self.setup_constraints()
+
+    def on_test_start(self) -> None:
+        self.setup_constraints()
+
+    def on_predict_start(self) -> None:
+        self.setup_constraints()
+
+    def on_fit_start(self) -> None:
+        self.setup_constraints()
         if self.trainer.world_size > 1:
             # seed_everything gives every rank the same stream; sampling must differ across ranks or
             # their responses are correlated and more ranks do not reduce the estimator's variance

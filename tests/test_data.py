@@ -67,3 +67,17 @@ def test_save_to_disk_folder_with_splits(tmp_path, tokenizer):
     assert len(dm.splits["train"]) == 8 and len(dm.splits["val"]) == 2
     with pytest.raises(ValueError, match="split 'dev' not in dataset"):
         ChatDataModule(dataset=str(tmp_path / "ds"), val_split="dev").setup("fit")
+
+
+def test_gzipped_jsonl_dataset(tmp_path, tokenizer):
+    import gzip
+
+    rows = [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(10)]
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    dm = ChatDataModule(dataset=str(tmp_path / "train.jsonl.gz"), batch_size=2, val_fraction=0.2)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 8
+    with pytest.raises(ValueError, match="unsupported file type '.txt'"):
+        (tmp_path / "x.txt").write_text("hi")
+        ChatDataModule(dataset=str(tmp_path / "x.txt")).setup("fit")

@@ -1,0 +1,7 @@
+"""Reward-model training: Bradley–Terry on preference pairs, exported for the ``reward_model`` constraint."""
+
+from l3m_lightning.reward.data import PreferenceDataModule, preference_pair, split_hh_dialogue
+from l3m_lightning.reward.module import RewardModelModule
+from l3m_lightning.reward.pooled import PooledRewardConfig, PooledRewardModel
+
+__all__ = ["PooledRewardConfig", "PooledRewardModel", "PreferenceDataModule", "RewardModelModule", "preference_pair", "split_hh_dialogue"]
