@@ -195,18 +195,11 @@ class ChatDataModule(L.LightningDataModule):
         return split.map(encode, with_indices=True, remove_columns=split.column_names, desc=f"tokenizing {name}")
 
     # --- loaders ----------------------------------------------------------------------------
+    def collate_fn(self) -> ChatCollator:
+        return ChatCollator(self.tokenizer.pad_token_id)
+
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        size = hp.batch_size if shuffle else (hp.eval_batch_size or hp.batch_size)
-        return DataLoader(
-            self.splits[name],
-            batch_size=size,
-            shuffle=shuffle,
-            collate_fn=ChatCollator(self.tokenizer.pad_token_id),
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            drop_last=shuffle and len(self.splits[name]) > size,
-        )
+        return split_loader(self, name, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -219,6 +212,22 @@ class ChatDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def split_loader(datamodule: L.LightningDataModule, name: str, shuffle: bool) -> DataLoader:
+    """A DataLoader over ``datamodule.splits[name]`` with its ``collate_fn()`` and batch-size settings."""
+    hp = datamodule.hparams
+    size = hp.batch_size if shuffle else (hp.eval_batch_size or hp.batch_size)
+    split = datamodule.splits[name]
+    return DataLoader(
+        split.with_format("python"),
+        batch_size=size,
+        shuffle=shuffle,
+        collate_fn=datamodule.collate_fn(),
+        num_workers=hp.num_workers,
+        persistent_workers=hp.num_workers > 0,
+        drop_last=shuffle and len(split) > size,
+    )
 
 
 def _missing(name: str, loaded: Any, dataset: str) -> None:

@@ -23,6 +23,7 @@ from torchmetrics import CatMetric
 from torchmetrics.text import Perplexity
 
 from constraints import Constraint, build_constraints
+from l3m_lightning.outputs import resolve_export_dir
 from l3m_lightning.barrier import MuSchedule
 from l3m_lightning.callbacks import JsonlPredictionWriter
 from l3m_lightning.data import IGNORE_INDEX
@@ -410,9 +411,4 @@ class L3MModule(L.LightningModule):
         return get_model_state_dict(self.model, options=options)
 
     def export_path(self) -> Path | None:
-        if self.hparams.export_dir == "":
-            return None
-        if self.hparams.export_dir:
-            return Path(self.hparams.export_dir)
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        return Path(root) / "hf_model"
+        return resolve_export_dir(self.hparams.export_dir, self.trainer)

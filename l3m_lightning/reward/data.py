@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader
 
 from constraints.reward_model import DEFAULT_TEMPLATE, INPUT_FORMATS, check_template, format_for_reward_model, load_rows, resolve_model_path
 
+from l3m_lightning.data import ChatDataModule
+
 log = logging.getLogger(__name__)
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -215,30 +217,15 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"data.dataset '{hp.dataset}': the {name} split has no rows")
         return split.map(encode, with_indices=True, remove_columns=split.column_names, desc=f"tokenizing {name} pairs")
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        hp = self.hparams
-        size = hp.batch_size if shuffle else (hp.eval_batch_size or hp.batch_size)
-        return DataLoader(
-            self.splits[name].with_format("python"),
-            batch_size=size,
-            shuffle=shuffle,
-            collate_fn=PairCollator(self.tokenizer),
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            drop_last=shuffle and len(self.splits[name]) > size,
-        )
+    def collate_fn(self) -> PairCollator:
+        return PairCollator(self.tokenizer)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    # the same loaders as the chat data: one place for batch sizes, workers and drop_last
+    _loader = ChatDataModule._loader
+    train_dataloader = ChatDataModule.train_dataloader
+    val_dataloader = ChatDataModule.val_dataloader
+    test_dataloader = ChatDataModule.test_dataloader
+    predict_dataloader = ChatDataModule.predict_dataloader
 
 
 __all__ = ["PairCollator", "PreferenceDataModule", "load_preference_rows", "preference_pair", "split_hh_dialogue"]

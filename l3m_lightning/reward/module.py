@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from constraints.reward_model import FORMAT_FILE, resolve_model_path
+from l3m_lightning.outputs import resolve_export_dir
 from l3m_lightning.reward.pooled import POOLINGS, PooledRewardModel
 from l3m_lightning.schedules import warmup_cosine
 
@@ -242,12 +243,7 @@ class RewardModelModule(L.LightningModule):
         return target
 
     def export_path(self) -> Path | None:
-        if self.hparams.export_dir == "":
-            return None
-        if self.hparams.export_dir:
-            return Path(self.hparams.export_dir)
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        return Path(root) / "hf_model"
+        return resolve_export_dir(self.hparams.export_dir, self.trainer)
 
 
 def _transformer_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
