@@ -23,13 +23,13 @@ from torchmetrics import CatMetric
 from torchmetrics.text import Perplexity
 
 from constraints import Constraint, build_constraints
-from l3m_lightning.outputs import resolve_export_dir
 from l3m_lightning.barrier import MuSchedule
 from l3m_lightning.callbacks import JsonlPredictionWriter
 from l3m_lightning.data import IGNORE_INDEX
 from l3m_lightning.diagnostics import FeasibilityMonitor
 from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, policy_gradient_surrogate
 from l3m_lightning.multipliers import MultiplierRule
+from l3m_lightning.outputs import resolve_export_dir, save_pretrained_atomically
 from l3m_lightning.policy import EMBEDDED, load_policy, load_tokenizer
 from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
 from l3m_lightning.sampling import Rollouts, sample_rollouts, token_logprobs
@@ -392,9 +392,7 @@ class L3MModule(L.LightningModule):
         state_dict = self.full_policy_state_dict()  # collective under FSDP: every rank calls it
         if not self.trainer.is_global_zero:
             return
-        target.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(target, state_dict=state_dict)
-        self.tokenizer.save_pretrained(target)
+        save_pretrained_atomically(target, self.model, self.tokenizer, state_dict=state_dict)
 
     def full_policy_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The policy's full (unsharded, CPU) state dict under FSDP1/FSDP2, else ``None`` (use the module's own)."""

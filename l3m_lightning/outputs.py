@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
@@ -14,3 +17,21 @@ def resolve_export_dir(export_dir: str | None, trainer: L.Trainer) -> Path | Non
     if export_dir:
         return Path(export_dir)
     return Path(trainer.log_dir or trainer.default_root_dir) / "hf_model"
+
+
+def save_pretrained_atomically(target: Path, model: Any, tokenizer: Any, **model_kwargs: Any) -> None:
+    """``save_pretrained`` into a sibling temp folder, then swap it in: a crash never leaves half a model."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, **model_kwargs)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
