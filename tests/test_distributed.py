@@ -39,6 +39,7 @@ def _fit(tmp_path: Path, strategy: str, *args: str) -> subprocess.CompletedProce
         "--model.model_config", TINY_MODEL, "--model.constraints", CONSTRAINTS,
         "--model.max_new_tokens", "6", "--model.num_samples", "2",
         "--model.mu_decay", "0.5", "--model.mu_decay_every", "1", "--model.mu_floor", "0.001",
+        "--model.constraint_ema", "0.0",  # λ is checked against B'(Ĉ of the union) directly
         "--data.batch_size", "4", "--data.embedded_num_prompts", "80", "--data.max_val_rows", "4",
         "--trainer.logger.init_args.save_dir", str(runs),
         "--trainer.callbacks.init_args.dirpath", str(runs / "ckpt"),
