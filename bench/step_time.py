@@ -165,8 +165,9 @@ def run_one(name: str, args) -> dict:
             optimizer.zero_grad(set_to_none=True)
         return sum(len(ids) + int(f) for ids, f in zip(rollouts.completion_ids, rollouts.finished))
 
-    def l3m_step():
-        with timer("l3m_step"), no_eos:
+    def l3m_step(fused: bool = True):
+        module.hparams.fused_forward = fused
+        with timer("l3m_step" if fused else "l3m_step_two_pass"), no_eos:
             loss = module.training_step(batch, 0)
             loss.backward()
             optimizer.step()
@@ -187,7 +188,8 @@ def run_one(name: str, args) -> dict:
             sampled.clear(), bare_tokens.clear()
         sft_step()
         sampled.append(phases())
-        l3m_step()
+        l3m_step(fused=True)
+        l3m_step(fused=False)
         bare_tokens.append(bare())
 
     med = {k: statistics.median(v) for k, v in timer.times.items()}
@@ -209,6 +211,7 @@ def run_one(name: str, args) -> dict:
         "sampling_fraction_of_bare": (tok_sampled / med["sampling"]) / (statistics.median(bare_tokens) / med["bare_decode"]),
         "l3m_over_sft_step": med["l3m_step"] / med["sft_step"],
         "l3m_over_parts": med["l3m_step"] / parts,
+        "fused_over_two_pass": med["l3m_step"] / med["l3m_step_two_pass"],
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
     }
@@ -240,15 +243,15 @@ class _NoEos:
 
 
 def table(results: list[dict]) -> str:
-    phases = ["sft_fwd_bwd", "sampling", "scoring", "pg_fwd_bwd", "optimizer", "sft_step", "l3m_step", "bare_decode"]
-    head = f"{'config':<10}{'params':>8}" + "".join(f"{p:>13}" for p in phases)
+    phases = ["sft_fwd_bwd", "sampling", "scoring", "pg_fwd_bwd", "optimizer", "sft_step", "l3m_step", "l3m_step_two_pass", "bare_decode"]
+    head = f"{'config':<10}{'params':>8}" + "".join(f"{p:>18}" for p in phases)
     lines = ["per-step time, ms (median)", head]
     for r in results:
-        lines.append(f"{r['config']:<10}{r['params_millions']:>7.1f}M" + "".join(f"{r['ms'][p]:>13.1f}" for p in phases))
-    lines += ["", f"{'config':<10}{'sampled tok/s':>15}{'bare tok/s':>12}{'sampling/bare':>15}{'L3M/SFT step':>14}{'L3M/parts':>11}{'peak MB':>10}"]
+        lines.append(f"{r['config']:<10}{r['params_millions']:>7.1f}M" + "".join(f"{r['ms'][p]:>18.1f}" for p in phases))
+    lines += ["", f"{'config':<10}{'sampled tok/s':>15}{'bare tok/s':>12}{'sampling/bare':>15}{'L3M/SFT step':>14}{'L3M/parts':>11}{'fused/2-pass':>14}{'peak MB':>10}"]
     for r in results:
         lines.append(f"{r['config']:<10}{r['sampled_tokens_per_s']:>15.0f}{r['bare_decode_tokens_per_s']:>12.0f}{r['sampling_fraction_of_bare']:>15.2f}"
-                     f"{r['l3m_over_sft_step']:>14.2f}{r['l3m_over_parts']:>11.2f}{r['peak_memory_mb']:>10.0f}")
+                     f"{r['l3m_over_sft_step']:>14.2f}{r['l3m_over_parts']:>11.2f}{r['fused_over_two_pass']:>14.2f}{r['peak_memory_mb']:>10.0f}")
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 The training step (method.md §5), top to bottom in ``training_step``:
 
-1. SFT: token-mean NLL of the reference responses (prompt tokens masked).
-2. Sample K responses per prompt (no grad, KV cache, stop at EOS); score every constraint.
+1. Sample K responses per prompt (no grad, KV cache, stop at EOS); score every constraint.
+2. One forward over reference + sampled sequences: SFT NLL of the references (prompt tokens
+   masked) and log π(y|x) of the samples.
 3. Ĉ_i = mean of c_ij (all-reduced across ranks); λ_i = B'_μ(Ĉ_i)/k (or a baseline's λ).
 4. loss = L_sft + Σ_i sg(λ_i) · mean_j[sg(c_ij − β_ij) · log π(y_j|x_j)], β = leave-one-out.
 5. One optimiser step (Lightning); μ decays on schedule after it.
@@ -32,7 +33,7 @@ from l3m_lightning.multipliers import MultiplierRule
 from l3m_lightning.outputs import resolve_export_dir, save_pretrained_atomically
 from l3m_lightning.policy import EMBEDDED, load_policy, load_tokenizer
 from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
-from l3m_lightning.sampling import Rollouts, sample_rollouts, token_logprobs
+from l3m_lightning.sampling import Rollouts, sample_rollouts, stack_right_padded, token_logprobs
 from l3m_lightning.schedules import warmup_cosine
 
 
@@ -59,6 +60,7 @@ class L3MModule(L.LightningModule):
             a constraint: per token it resists ~1/(mean response length) as much, so the same
             barrier settles deeper inside the feasible set (see README, "Choosing scale, μ and the SFT reduction").
         learning_rate / weight_decay / warmup_ratio / min_lr_ratio: AdamW with linear warm-up then cosine.
+        fused_forward: reference and sampled sequences share one forward pass (faster; off: two passes).
         log_samples_every_n_steps: how often sampled prompt/response pairs go to TensorBoard as text.
         val_generate: sample one response per held-out prompt in validation/test and log constraint values.
         init_seed: seed of the embedded model's random init.
@@ -95,6 +97,7 @@ class L3MModule(L.LightningModule):
         warmup_ratio: float = 0.05,
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
+        fused_forward: bool = True,
         log_samples_every_n_steps: int = 50,
         val_generate: bool = True,
         export_dir: str | None = None,
@@ -126,17 +129,18 @@ class L3MModule(L.LightningModule):
 
     # --- the training step ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        sft_loss, token_nll = self.sft_loss(batch)
+        rollouts = self.sample(batch, self.hparams.num_samples) if self.constraints else None
+        (sft_logp, sft_mask), pg = self.policy_logprobs(batch, rollouts)
+        sft_loss, token_nll = self.reduce_sft_loss(sft_logp, sft_mask)
         loss = sft_loss
         self.log_dict({"train/sft_loss": token_nll, "train/ppl": token_nll.exp()}, prog_bar=True)
 
-        if self.constraints:
-            rollouts = self.sample(batch, self.hparams.num_samples)
+        if rollouts is not None:
             rewards, costs, valid = self.score(batch, rollouts)
             estimates = self.all_reduced_means(costs, valid)
             multipliers = self.multiplier_rule(self.constraint_ema.update(estimates), self.mu_schedule.mu)
             self.last_constraint_stats = {"costs": costs, "valid": valid, "estimates": estimates, "multipliers": multipliers}
-            logp, mask = token_logprobs(self.model, rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
+            logp = pg[0]
             surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
             loss = loss + surrogate
             self.log("barrier/mu", self.mu_schedule.mu)
@@ -154,12 +158,31 @@ class L3MModule(L.LightningModule):
         self.mu_schedule.step()
 
     # --- pieces of the step -----------------------------------------------------------------------
-    def sft_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def policy_logprobs(self, batch: dict[str, Any], rollouts: Rollouts | None):
+        """Token log-probs of the reference responses and, if any, of the sampled ones.
+
+        With ``fused_forward`` both go through one forward pass (one larger batch instead of two),
+        so the single backward of SFT + surrogate also runs once through one graph.
+        """
+        sft = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if rollouts is None:
+            return token_logprobs(self.model, *sft), None
+        pg = (rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
+        if not self.hparams.fused_forward:
+            return token_logprobs(self.model, *sft), token_logprobs(self.model, *pg)
+        logp, mask = token_logprobs(self.model, *stack_right_padded([sft, pg], self.tokenizer.pad_token_id))
+        n = sft[0].shape[0]
+        return (logp[:n], mask[:n]), (logp[n:], mask[n:])
+
+    def reduce_sft_loss(self, logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The SFT loss (per token by default, or per response) and the detached per-token NLL."""
-        logp, mask = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         token_nll = -logp.sum() / mask.sum().clamp(min=1)
         loss = -logp.sum() / logp.shape[0] if self.hparams.sft_loss_reduction == "sequence" else token_nll
         return loss, token_nll.detach()
+
+    def sft_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SFT loss of a batch on its own (see ``reduce_sft_loss``)."""
+        return self.reduce_sft_loss(*token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
 
     def sample(self, batch: dict[str, Any], num_samples: int) -> Rollouts:
         hp = self.hparams

@@ -121,3 +121,18 @@ def test_feasibility_monitor_warns_once_for_infeasible_and_never_active():
     with pytest.warns(UserWarning, match="constraint 'loose'.*never exceeded"):
         assert len(monitor.at_end()) == 1
     assert monitor.update([-1.0, -2.0], [0.1, 0.0], mu=0.1) == [] and monitor.linear_streak[0] == 0
+
+
+def test_fused_forward_gives_the_same_loss_and_gradients_as_two_passes(batch):
+    spec = [{"name": "length", "threshold": 2, "scale": 4}]
+    results = []
+    for fused in (True, False):
+        module = _module(constraints=spec, num_samples=2, fused_forward=fused)
+        torch.manual_seed(0)
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.model.parameters()]))
+    (fused_loss, fused_grads), (split_loss, split_grads) = results
+    torch.testing.assert_close(fused_loss, split_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, split_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
