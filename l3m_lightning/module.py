@@ -31,7 +31,7 @@ from l3m_lightning.diagnostics import FeasibilityMonitor
 from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, policy_gradient_surrogate
 from l3m_lightning.multipliers import MultiplierRule
 from l3m_lightning.outputs import resolve_export_dir, save_pretrained_atomically
-from l3m_lightning.policy import EMBEDDED, load_policy, load_tokenizer
+from l3m_lightning.policy import EMBEDDED, apply_lora, load_policy, load_tokenizer
 from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
 from l3m_lightning.sampling import Rollouts, sample_rollouts, stack_right_padded, token_logprobs
 from l3m_lightning.schedules import warmup_cosine
@@ -60,6 +60,8 @@ class L3MModule(L.LightningModule):
             a constraint: per token it resists ~1/(mean response length) as much, so the same
             barrier settles deeper inside the feasible set (see README, "Choosing scale, μ and the SFT reduction").
         learning_rate / weight_decay / warmup_ratio / min_lr_ratio: AdamW with linear warm-up then cosine.
+        lora: PEFT ``LoraConfig`` fields (e.g. ``{r: 16, lora_alpha: 32}``) to train LoRA adapters only.
+        merge_lora_on_export: export a plain merged model (default) or just the adapters.
         fused_forward: reference and sampled sequences share one forward pass (faster; off: two passes).
         log_samples_every_n_steps: how often sampled prompt/response pairs go to TensorBoard as text.
         val_generate: sample one response per held-out prompt in validation/test and log constraint values.
@@ -98,6 +100,8 @@ class L3MModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
         fused_forward: bool = True,
+        lora: dict[str, Any] | None = None,
+        merge_lora_on_export: bool = True,
         log_samples_every_n_steps: int = 50,
         val_generate: bool = True,
         export_dir: str | None = None,
@@ -122,6 +126,8 @@ class L3MModule(L.LightningModule):
         self.model = load_policy(model_name_or_path, self.tokenizer, model_config, torch_dtype, seed=init_seed)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if lora is not None:
+            self.model = apply_lora(self.model, lora)
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.loaded_global_step = 0
         # Held-out samples' values, gathered across ranks at epoch end (means and confidence intervals).
@@ -415,7 +421,12 @@ class L3MModule(L.LightningModule):
         state_dict = self.full_policy_state_dict()  # collective under FSDP: every rank calls it
         if not self.trainer.is_global_zero:
             return
-        save_pretrained_atomically(target, self.model, self.tokenizer, state_dict=state_dict)
+        model = self.model
+        if self.hparams.lora is not None and self.hparams.merge_lora_on_export:
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()  # a plain model; training state untouched
+        save_pretrained_atomically(target, model, self.tokenizer, state_dict=state_dict)
 
     def full_policy_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The policy's full (unsharded, CPU) state dict under FSDP1/FSDP2, else ``None`` (use the module's own)."""

@@ -56,3 +56,16 @@ def load_policy(
     if torch_dtype is not None:
         kwargs["dtype"] = getattr(torch, torch_dtype)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def apply_lora(model: PreTrainedModel, lora: dict[str, Any]) -> PreTrainedModel:
+    """Wrap ``model`` with PEFT LoRA adapters (``pip install .[peft]``); only the adapters train.
+
+    ``lora`` holds ``peft.LoraConfig`` fields, e.g. ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}``.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("model.lora needs PEFT: pip install 'l3m-lightning[peft]'") from err
+    settings = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **lora}
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))

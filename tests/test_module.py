@@ -136,3 +136,26 @@ def test_fused_forward_gives_the_same_loss_and_gradients_as_two_passes(batch):
     torch.testing.assert_close(fused_loss, split_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(fused_grads, split_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_trains_adapters_only_and_exports_a_merged_model(batch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module = _module(lora={"r": 4, "lora_alpha": 8}, constraints=[{"name": "length", "threshold": 2, "scale": 4}], num_samples=2)
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters() if "lora_B" in n}
+    opt = torch.optim.SGD([p for p in module.model.parameters() if p.requires_grad], lr=1.0)
+    torch.manual_seed(0)
+    module.training_step(batch, 0).backward()
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in module.model.named_parameters() if "lora_B" in n)
+
+    module.hparams.export_dir = str(tmp_path / "export")
+    module._trainer = mock.Mock(is_global_zero=True, world_size=1)
+    module.on_fit_end()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    ids = batch["input_ids"][:1]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, module.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert not any("lora" in n for n, _ in exported.named_parameters())
