@@ -3,8 +3,8 @@
 The training step (method.md §5), top to bottom in ``training_step``:
 
 1. Sample K responses per prompt (no grad, KV cache, stop at EOS); score every constraint.
-2. One forward over reference + sampled sequences: SFT NLL of the references (prompt tokens
-   masked) and log π(y|x) of the samples.
+2. Forward passes over the reference and the sampled sequences (one fused pass, or two): SFT NLL
+   of the references (prompt tokens masked) and log π(y|x) of the samples.
 3. Ĉ_i = mean of c_ij (all-reduced across ranks); λ_i = B'_μ(Ĉ_i)/k (or a baseline's λ).
 4. loss = L_sft + Σ_i sg(λ_i) · mean_j[sg(c_ij − β_ij) · log π(y_j|x_j)], β = leave-one-out.
 5. One optimiser step (Lightning); μ decays on schedule after it.
@@ -62,7 +62,8 @@ class L3MModule(L.LightningModule):
         learning_rate / weight_decay / warmup_ratio / min_lr_ratio: AdamW with linear warm-up then cosine.
         lora: PEFT ``LoraConfig`` fields (e.g. ``{r: 16, lora_alpha: 32}``) to train LoRA adapters only.
         merge_lora_on_export: export a plain merged model (default) or just the adapters.
-        fused_forward: reference and sampled sequences share one forward pass (faster; off: two passes).
+        fused_forward: reference and sampled sequences share one forward pass. Off by default: on CPU
+            (bench/step_time.py) the padding it adds made steps 3–11% slower than two passes; untested on GPU.
         log_samples_every_n_steps: how often sampled prompt/response pairs go to TensorBoard as text.
         val_generate: sample one response per held-out prompt in validation/test and log constraint values.
         init_seed: seed of the embedded model's random init.
@@ -99,7 +100,7 @@ class L3MModule(L.LightningModule):
         warmup_ratio: float = 0.05,
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
-        fused_forward: bool = True,
+        fused_forward: bool = False,
         lora: dict[str, Any] | None = None,
         merge_lora_on_export: bool = True,
         log_samples_every_n_steps: int = 50,
