@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,12 @@ def tokenizer():
     from l3m_lightning.policy import load_tokenizer
 
     return load_tokenizer("embedded")
+
+
+@pytest.fixture()
+def single_thread():
+    """Tiny tensors: one thread is faster and far less sensitive to other load on the machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -45,13 +45,7 @@ GROUP = 2  # K
 AVERAGE_LAST = 100  # λ is noisy step to step; compare its mean over the final steps
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one thread is faster and far less sensitive to other load on the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
 
 def kkt_solution(c: torch.Tensor) -> tuple[float, torch.Tensor]:

@@ -12,12 +12,7 @@ from test_convergence import CASES, LENGTHS, cross_entropy, kkt_solution
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
 
 def run(rule: MultiplierRule, c: torch.Tensor, seed: int = 0, steps: int = 600, samples: int = 8192):
