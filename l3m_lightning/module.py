@@ -146,6 +146,7 @@ class L3MModule(L.LightningModule):
             rewards, costs, valid = self.score(batch, rollouts)
             estimates = self.all_reduced_means(costs, valid)
             multipliers = self.multiplier_rule(self.constraint_ema.update(estimates), self.mu_schedule.mu)
+            # this step's constraint tensors, for callbacks (the distributed tests read them)
             self.last_constraint_stats = {"costs": costs, "valid": valid, "estimates": estimates, "multipliers": multipliers}
             logp = pg[0]
             surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
