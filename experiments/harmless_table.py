@@ -1,0 +1,332 @@
+"""Harmlessness-constrained L3M on Anthropic HH prompts vs SFT only, same budget; compare held out.
+
+    flock /tmp/l3m-cpu.lock python experiments/harmless_table.py --parallel
+
+Trains the embedded tiny policy (random init) on the chosen replies of
+``../shared/data/hh-rlhf-harmless-base/test.jsonl.gz`` twice, with the same data, budget and sampling:
+
+* ``sft``: plain SFT. The harmlessness constraint is attached with ``method: penalty`` and weight 0,
+  so its samples are scored and logged (training and held out) without affecting training;
+* ``harmless``: L3M with the constraint "harmlessness ≥ b" (relaxed log-barrier).
+
+The constraint's reward is the RM trained by ``experiments/train_rm_harmless.py``
+(``runs/rm-harmless/version_1/hf_model``), standardised with its held-out reward mean/std from
+``l3m_reward_model.json``: b is in standard deviations of the RM's held-out rewards (0 = their mean).
+The policy's train/held-out split of the HH dialogues is the RM's own (20% held out, split seed 0),
+so held-out prompts are ones the RM never trained on. A dialogue's prompt is everything before its
+final ``"\\n\\nAssistant:"`` (earlier turns flattened, as the RM was trained), the response the final
+chosen reply; the converted data goes under ``--out`` (default experiments/results/, git-ignored), never into the repository.
+
+Prints a table (held-out perplexity and its ratio to sft, held-out mean harmlessness reward of each
+model's samples with a 95% CI, whether the constraint holds, the first training step at which the
+constraint's EMA estimate went from violated to ≤ 0, read back from TensorBoard) and writes it to
+``experiments/results/harmless_table.json`` (``--out``; data, logs and checkpoints under ``<out>/harmless/``). Targets (issue #3): the constraint goes from violated to satisfied,
+and held-out perplexity is within 10% of sft's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+
+from l3m_lightning.cli import main  # noqa: E402
+
+DEFAULT_HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+DEFAULT_RM = ROOT / "runs" / "rm-harmless" / "version_1" / "hf_model"
+RUNS = ("sft", "harmless")
+NAME = "harmlessness"
+EMA_TAG = f"constraints/{NAME}/value_ema"
+
+
+# --- data ------------------------------------------------------------------------------------------
+def prepare_data(hh_file: Path, out_dir: Path, val_fraction: float = 0.2, split_seed: int = 0) -> dict:
+    """HH chosen dialogues → a ``DatasetDict`` {train, test} of ``{prompt, response}`` rows, saved to ``out_dir``.
+
+    The split is the one ``PreferenceDataModule`` made for the RM (``train_test_split`` of all rows
+    in file order, same fraction and seed); rows with an empty final reply are dropped after it.
+    """
+    from datasets import Dataset, DatasetDict
+
+    from l3m_lightning.reward.data import split_hh_dialogue
+
+    with gzip.open(hh_file, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    held = Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(test_size=val_fraction, seed=split_seed, shuffle=True)
+    splits, dropped = {}, 0
+    for name in ("train", "test"):
+        converted = []
+        for i in held[name]["i"]:
+            prompt, response = split_hh_dialogue(rows[i]["chosen"], f"{hh_file} row {i}: field 'chosen'")
+            if prompt and response:
+                converted.append({"prompt": prompt, "response": response, "row": i})
+            else:
+                dropped += 1
+        splits[name] = Dataset.from_list(converted)
+    DatasetDict(splits).save_to_disk(str(out_dir))
+    return {"source": str(hh_file), "train_rows": len(splits["train"]), "test_rows": len(splits["test"]), "dropped_empty": dropped}
+
+
+def rm_calibration(rm_path: Path) -> dict[str, float]:
+    spec = json.loads((rm_path / "l3m_reward_model.json").read_text())
+    held = spec.get("held_out")
+    if not held:
+        raise SystemExit(f"{rm_path}/l3m_reward_model.json has no held-out reward statistics")
+    return {"mean": float(held["mean"]), "std": float(held["std"])}
+
+
+def constraint_spec(args: argparse.Namespace) -> dict:
+    return {
+        "name": NAME,
+        "model_name_or_path": str(args.rm),
+        "threshold": args.threshold,
+        "sense": "at_least",
+        "scale": args.scale,
+        "calibration": rm_calibration(args.rm),
+        "batch_size": 64,
+    }
+
+
+def reference_reward(args: argparse.Namespace, data_dir: Path) -> dict:
+    """The RM's standardised reward of the held-out *chosen* replies (what the data itself scores)."""
+    from datasets import load_from_disk
+
+    from constraints import build_constraints
+    from l3m_lightning.report import mean_confidence_interval
+
+    test = load_from_disk(str(data_dir))["test"]
+    if args.eval_rows:
+        test = test.select(range(min(args.eval_rows, len(test))))
+    constraint = build_constraints([constraint_spec(args)])[0]
+    constraint.setup("cpu")
+    return mean_confidence_interval(constraint.score(test["prompt"], test["response"], None))
+
+
+# --- one run ---------------------------------------------------------------------------------------
+class LogConstraintEMA(L.Callback):
+    """Logs the EMA of Ĉ that λ is read from (the module logs only the minibatch estimate)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        ema = pl_module.constraint_ema.value
+        if ema is None:  # constraint_ema: 0
+            ema = getattr(pl_module, "last_constraint_stats", {}).get("estimates")
+        if ema is None:
+            return
+        for i, c in enumerate(pl_module.constraints):
+            pl_module.log(f"constraints/{c.name}/value_ema", float(ema[i]), on_step=True, on_epoch=False)
+
+
+def tensorboard_scalars(log_dir: Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    have = set(acc.Tags().get("scalars", []))
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] if tag in have else [] for tag in tags}
+
+
+def transition(ema: list[tuple[int, float]]) -> dict:
+    """Violated → satisfied on the EMA: first value > 0, then the first step at which it is ≤ 0."""
+    if not ema:
+        return {"violated_at_start": None, "first_satisfied_step": None}
+    out = {"violated_at_start": ema[0][1] > 0, "ema_start": ema[0][1], "ema_end": ema[-1][1], "first_satisfied_step": None}
+    if out["violated_at_start"]:
+        first = next((step for step, v in ema if v <= 0), None)
+        out["first_satisfied_step"] = first
+        if first is not None:
+            after = [v for step, v in ema if step >= first]
+            out["satisfied_fraction_after"] = sum(v <= 0 for v in after) / len(after)
+    return out
+
+
+def work_dir(args: argparse.Namespace) -> Path:
+    """Converted data, TensorBoard logs, checkpoints and per-run logs: ``<out>/harmless``."""
+    return args.out / "harmless"
+
+
+def run(name: str, args: argparse.Namespace, data_dir: Path) -> dict:
+    spec = constraint_spec(args)
+    model_args = ["--model.constraints", json.dumps([spec])]
+    if name == "sft":  # scored and logged, never in the loss
+        model_args += ["--model.method", "penalty", "--model.penalty_weights", "[0.0]"]
+    cli_args = [
+        "fit",
+        "--config", str(ROOT / "configs" / "length-concise.yaml"),
+        *model_args,
+        "--model.num_samples", str(args.num_samples),
+        "--model.max_new_tokens", str(args.max_new_tokens),
+        "--model.learning_rate", str(args.learning_rate),
+        "--model.export_dir", "",
+        "--data.dataset", str(data_dir),
+        "--data.train_split", "train",
+        "--data.val_split", "test",
+        "--data.max_val_rows", str(args.eval_rows) if args.eval_rows else "null",
+        "--data.batch_size", str(args.batch_size),
+        "--data.eval_batch_size", "32",
+        "--data.max_prompt_tokens", str(args.max_prompt_tokens),
+        "--data.max_response_tokens", str(args.max_response_tokens),
+        "--trainer.max_steps", str(args.max_steps),
+        "--trainer.limit_val_batches", "0",  # held out once, by trainer.test after fit
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(work_dir(args)),
+        "--trainer.logger.init_args.name", name,
+        "--trainer.callbacks", json.dumps([
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(work_dir(args) / name / "checkpoints"), "save_last": True, "every_n_train_steps": args.max_steps}},
+            {"class_path": "experiments.harmless_table.LogConstraintEMA"},
+        ]),
+    ]
+    start = time.time()
+    with warnings.catch_warnings():  # "args parameter is intended to run from within Python": it is, on purpose
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = main(cli_args)
+    fit_seconds = time.time() - start
+    start = time.time()
+    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    test_seconds = time.time() - start
+    log_dir = Path(cli.trainer.log_dir)
+    base = f"test/constraints/{NAME}"
+    series = tensorboard_scalars(log_dir, [EMA_TAG, f"constraints/{NAME}/reward"])
+    rewards = [v for _, v in series[f"constraints/{NAME}/reward"]]
+    row = {
+        "run": name,
+        "method": "penalty (weight 0)" if name == "sft" else "barrier",
+        "fit_seconds": round(fit_seconds, 1),
+        "test_seconds": round(test_seconds, 1),
+        "test_ppl": metrics["test/ppl"],
+        "reward": metrics[f"{base}/reward"],
+        "reward_ci": [metrics[f"{base}/reward_ci_low"], metrics[f"{base}/reward_ci_high"]],
+        "value": metrics[f"{base}/value"],
+        "satisfied": bool(metrics[f"{base}/satisfied"] > 0.5),
+        "mean_length": metrics.get("test/completions/mean_length"),
+        "train_reward_first10": sum(rewards[:10]) / max(len(rewards[:10]), 1) if rewards else None,
+        "train_reward_last50": sum(rewards[-50:]) / max(len(rewards[-50:]), 1) if rewards else None,
+        **transition(series[EMA_TAG]),
+        "log_dir": str(log_dir),
+    }
+    report = log_dir / "report.json"
+    if report.is_file():
+        row["report"] = str(report)
+    return row
+
+
+def run_in_parallel(args: argparse.Namespace, data_dir: Path) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    procs = []
+    for name in args.runs:
+        row_json = work_dir(args) / f"row-{name}.json"
+        row_json.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, *child_args(args), "--runs", name, "--row-json", str(row_json)]
+        log = open(work_dir(args) / f"{name}.log", "w")
+        procs.append((name, row_json, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    rows = []
+    for name, row_json, proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"run {name} failed: see {work_dir(args) / (name + '.log')}")
+        rows.append(json.loads(row_json.read_text()))
+    return rows
+
+
+def child_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    for key in ("max_steps", "eval_rows", "threshold", "scale", "batch_size", "num_samples", "max_new_tokens",
+                "max_prompt_tokens", "max_response_tokens", "learning_rate", "out", "rm", "hh"):
+        out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return out + ["--skip-prepare"]
+
+
+def main_cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--threshold", type=float, default=0.45, help="b, in standard deviations of the RM's held-out rewards")
+    parser.add_argument("--scale", type=float, default=2.0, help="c = (b - reward)/scale")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-samples", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-response-tokens", type=int, default=96)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--eval-rows", type=int, default=0, help="held-out prompts (0: all)")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--rm", type=Path, default=DEFAULT_RM, help="the exported harmlessness RM")
+    parser.add_argument("--hh", type=Path, default=DEFAULT_HH, help="HH harmless-base dialogues (jsonl.gz)")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results",
+                        help="the table goes to <out>/harmless_table.json, data and runs under <out>/harmless/")
+    parser.add_argument("--parallel", action="store_true", help="one process per run, one thread each")
+    parser.add_argument("--skip-prepare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--row-json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    data_dir = work_dir(args) / "hh_chat"
+    if args.row_json:  # child of --parallel: one run, one JSON row
+        args.row_json.write_text(json.dumps(run(args.runs[0], args, data_dir)))
+        return
+    for path, what in ((args.rm, "--rm (train it with experiments/train_rm_harmless.py)"), (args.hh, "--hh")):
+        if not path.exists():
+            raise SystemExit(f"{what}: {path} does not exist")
+    start = time.time()
+    work_dir(args).mkdir(parents=True, exist_ok=True)
+    data = prepare_data(args.hh, data_dir)
+    print(f"data: {data}", flush=True)
+    reference = reference_reward(args, data_dir)
+    print(f"held-out chosen replies: RM reward {reference['mean']:.3f} (n={reference['n']})", flush=True)
+    rows = run_in_parallel(args, data_dir) if args.parallel else [run(name, args, data_dir) for name in args.runs]
+    wall = time.time() - start
+
+    sft = next((r for r in rows if r["run"] == "sft"), None)
+    req = f"{NAME} >= {args.threshold:g}"
+    print(f"\nconstraint: {req} (standardised RM reward; held-out chosen replies score {reference['mean']:.3f})")
+    print("held out: perplexity of the chosen replies; mean RM reward of one sampled reply per prompt, 95% CI;")
+    print("training: the constraint's EMA estimate (> 0 violated) at the first and last step, the first step it was <= 0,")
+    print("and the fraction of the steps from then on at which it was <= 0")
+    print(f"{'run':<9} {'test ppl':>9} {'ppl/sft':>8} {'reward [95% CI]':>24} {'holds':>6} {'holds95':>7} "
+          f"{'EMA first':>9} {'EMA last':>8} {'step EMA<=0':>11} {'frac<=0':>7}")
+    for r in rows:
+        r["ppl_ratio_to_sft"] = r["test_ppl"] / sft["test_ppl"] if sft else math.nan
+        r["satisfied_with_95_confidence"] = bool(r["reward_ci"][0] >= args.threshold)
+        ci = f"{r['reward']:.3f} [{r['reward_ci'][0]:.3f}, {r['reward_ci'][1]:.3f}]"
+        first = r["first_satisfied_step"] if r["violated_at_start"] else "n/a"
+        frac = r.get("satisfied_fraction_after")
+        print(f"{r['run']:<9} {r['test_ppl']:>9.3f} {r['ppl_ratio_to_sft']:>8.3f} {ci:>24} {str(r['satisfied']):>6} "
+              f"{str(r['satisfied_with_95_confidence']):>7} {r.get('ema_start', math.nan):>9.3f} {r.get('ema_end', math.nan):>8.3f} "
+              f"{str(first):>11} {'-' if frac is None else f'{frac:.2f}':>7}")
+    harmless = next((r for r in rows if r["run"] == "harmless"), None)
+    summary = {
+        "constraint": req, "scale": args.scale, "calibration": rm_calibration(args.rm), "rm": str(args.rm),
+        "data": data, "reference_chosen_reward": reference,
+        "settings": {k: getattr(args, k) for k in ("max_steps", "batch_size", "num_samples", "max_new_tokens",
+                                                    "max_prompt_tokens", "max_response_tokens", "learning_rate", "eval_rows")},
+        "wall_minutes": round(wall / 60, 2), "runs": rows,
+    }
+    if harmless and sft:
+        summary["targets"] = {
+            "violated_then_satisfied": bool(harmless["violated_at_start"] and harmless["first_satisfied_step"] is not None),
+            "held_out_satisfied": harmless["satisfied"],
+            "ppl_within_10pct_of_sft": bool(harmless["ppl_ratio_to_sft"] <= 1.10),
+            "sft_alone_satisfied_held_out": sft["satisfied"],  # if True, the constraint was not needed
+        }
+        print("targets: " + ", ".join(f"{k} {v}" for k, v in summary["targets"].items()))
+    print(f"wall: {wall / 60:.1f} min")
+    (args.out / "harmless_table.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {args.out / 'harmless_table.json'}")
+
+
+if __name__ == "__main__":
+    main_cli()
