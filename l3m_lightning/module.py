@@ -148,8 +148,8 @@ class L3MModule(L.LightningModule):
             multipliers = self.multiplier_rule(self.constraint_ema.update(estimates), self.mu_schedule.mu)
             # this step's constraint tensors, for callbacks (the distributed tests read them)
             self.last_constraint_stats = {"costs": costs, "valid": valid, "estimates": estimates, "multipliers": multipliers}
-            logp = pg[0]
-            surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
+            pg_logp, _ = pg  # [B*K, T] log π of each sampled token
+            surrogate = policy_gradient_surrogate(pg_logp.sum(dim=1), costs.to(pg_logp), multipliers.to(pg_logp), rollouts.group_size, valid)
             loss = loss + surrogate
             self.log("barrier/mu", self.mu_schedule.mu)
             # the barrier's linear region is Ĉ > −μ²; for the baselines, plain violation Ĉ > 0
