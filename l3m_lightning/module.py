@@ -145,7 +145,8 @@ class L3MModule(L.LightningModule):
         if rollouts is not None:
             rewards, costs, valid = self.score(batch, rollouts)
             estimates = self.all_reduced_means(costs, valid)
-            multipliers = self.multiplier_rule(self.constraint_ema.update(estimates), self.mu_schedule.mu)
+            smoothed = self.constraint_ema.update(estimates)  # = estimates unless constraint_ema > 0
+            multipliers = self.multiplier_rule(smoothed, self.mu_schedule.mu)
             # this step's constraint tensors, for callbacks (the distributed tests read them)
             self.last_constraint_stats = {"costs": costs, "valid": valid, "estimates": estimates, "multipliers": multipliers}
             pg_logp, _ = pg  # [B*K, T] log π of each sampled token
@@ -156,6 +157,8 @@ class L3MModule(L.LightningModule):
             region_mu = self.mu_schedule.mu if self.hparams.method == "barrier" else 0.0
             self.feasibility.update(estimates.tolist(), multipliers.tolist(), region_mu)
             self.log_constraints(rewards, costs, valid, estimates, multipliers, rollouts)
+            if self.constraint_ema.decay:
+                self.log_dict({f"constraints/{c.name}/value_ema": smoothed[i].float() for i, c in enumerate(self.constraints)})
             self.maybe_log_samples(batch, rollouts)
         return loss
 
