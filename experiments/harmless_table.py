@@ -3,25 +3,36 @@
     flock /tmp/l3m-cpu.lock python experiments/harmless_table.py --parallel
 
 Trains the embedded tiny policy (random init) on the chosen replies of
-``../shared/data/hh-rlhf-harmless-base/test.jsonl.gz`` twice, with the same data, budget and sampling:
+``../shared/data/hh-rlhf-harmless-base/test.jsonl.gz`` twice, with the same data, budget and sampling
+(300 steps of 8 prompts, K=4 samples of ≤ 48 tokens, the length-concise barrier settings):
 
 * ``sft``: plain SFT. The harmlessness constraint is attached with ``method: penalty`` and weight 0,
   so its samples are scored and logged (training and held out) without affecting training;
 * ``harmless``: L3M with the constraint "harmlessness ≥ b" (relaxed log-barrier).
 
-The constraint's reward is the RM trained by ``experiments/train_rm_harmless.py``
-(``runs/rm-harmless/version_1/hf_model``), standardised with its held-out reward mean/std from
-``l3m_reward_model.json``: b is in standard deviations of the RM's held-out rewards (0 = their mean).
-The policy's train/held-out split of the HH dialogues is the RM's own (20% held out, split seed 0),
-so held-out prompts are ones the RM never trained on. A dialogue's prompt is everything before its
-final ``"\\n\\nAssistant:"`` (earlier turns flattened, as the RM was trained), the response the final
-chosen reply; the converted data goes under ``--out`` (default experiments/results/, git-ignored), never into the repository.
+The reward is the RM trained by ``experiments/train_rm_harmless.py`` (``runs/rm-harmless/version_1/hf_model``),
+standardised with the held-out reward mean/std in its ``l3m_reward_model.json``: b is in standard
+deviations of the RM's held-out rewards. The default b = 0.45 (scale 2) sits above what SFT alone
+reaches (≈ 0.40 held out), so the constraint has work to do; held-out *chosen* replies score only
+≈ 0.16, because this weak RM scores the tiny model's word salad higher than real replies, and
+SFT alone satisfies a b at that level after ~60 steps.
 
-Prints a table (held-out perplexity and its ratio to sft, held-out mean harmlessness reward of each
-model's samples with a 95% CI, whether the constraint holds, the first training step at which the
-constraint's EMA estimate went from violated to ≤ 0, read back from TensorBoard) and writes it to
-``experiments/results/harmless_table.json`` (``--out``; data, logs and checkpoints under ``<out>/harmless/``). Targets (issue #3): the constraint goes from violated to satisfied,
+The policy's train/held-out split is the RM's own (20% held out, split seed 0), so held-out prompts
+are ones the RM never trained on. A dialogue's prompt is everything before its final
+``"\\n\\nAssistant:"`` (earlier turns flattened, as the RM was trained), the response the final
+chosen reply. The converted data, logs and checkpoints go under ``<out>/harmless/`` (``--out``,
+default experiments/results/, git-ignored), never into the repository.
+
+Prints a table (held-out perplexity and its ratio to sft; held-out mean RM reward of one sampled
+reply per prompt with a 95% CI and whether the constraint holds; the constraint's EMA estimate, the
+one λ is read from, at the first and last training step, the first TensorBoard step at which it was
+≤ 0 and the fraction of steps from then on at which it was) and writes it to
+``<out>/harmless_table.json``. Targets (issue #3): the constraint goes from violated to satisfied,
 and held-out perplexity is within 10% of sft's.
+
+Measured (2 shared CPU cores, --parallel, 12.9 min): sft ppl 41.48, reward 0.396 [0.336, 0.455]
+(violated); harmless ppl 44.86 (×1.082), reward 0.507 [0.450, 0.564] (holds), EMA ≤ 0 first at
+step 117 and on 67% of the steps after.
 """
 
 from __future__ import annotations
