@@ -54,7 +54,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lightning as L  # noqa: E402
 
 from l3m_lightning.cli import main  # noqa: E402
 
@@ -129,19 +128,6 @@ def reference_reward(args: argparse.Namespace, data_dir: Path) -> dict:
 
 
 # --- one run ---------------------------------------------------------------------------------------
-class LogConstraintEMA(L.Callback):
-    """Logs the EMA of Ĉ that λ is read from (the module logs only the minibatch estimate)."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        ema = pl_module.constraint_ema.value
-        if ema is None:  # constraint_ema: 0
-            ema = getattr(pl_module, "last_constraint_stats", {}).get("estimates")
-        if ema is None:
-            return
-        for i, c in enumerate(pl_module.constraints):
-            pl_module.log(f"constraints/{c.name}/value_ema", float(ema[i]), on_step=True, on_epoch=False)
-
-
 def tensorboard_scalars(log_dir: Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -201,7 +187,6 @@ def run(name: str, args: argparse.Namespace, data_dir: Path) -> dict:
         "--trainer.callbacks", json.dumps([
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"dirpath": str(work_dir(args) / name / "checkpoints"), "save_last": True, "every_n_train_steps": args.max_steps}},
-            {"class_path": "experiments.harmless_table.LogConstraintEMA"},
         ]),
     ]
     start = time.time()
