@@ -42,7 +42,6 @@ import gzip
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -56,6 +55,9 @@ sys.path.insert(0, str(ROOT))
 
 
 from l3m_lightning.cli import main  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runlib import run_children  # noqa: E402
 
 DEFAULT_HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 DEFAULT_RM = ROOT / "runs" / "rm-harmless" / "version_1" / "hf_model"
@@ -225,19 +227,8 @@ def run(name: str, args: argparse.Namespace, data_dir: Path) -> dict:
 
 def run_in_parallel(args: argparse.Namespace, data_dir: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    procs = []
-    for name in args.runs:
-        row_json = work_dir(args) / f"row-{name}.json"
-        row_json.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, *child_args(args), "--runs", name, "--row-json", str(row_json)]
-        log = open(work_dir(args) / f"{name}.log", "w")
-        procs.append((name, row_json, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
-    rows = []
-    for name, row_json, proc in procs:
-        if proc.wait() != 0:
-            raise SystemExit(f"run {name} failed: see {work_dir(args) / (name + '.log')}")
-        rows.append(json.loads(row_json.read_text()))
-    return rows
+    commands = {name: [sys.executable, __file__, *child_args(args), "--runs", name] for name in args.runs}
+    return run_children(commands, work_dir(args), env)
 
 
 def child_args(args: argparse.Namespace) -> list[str]:

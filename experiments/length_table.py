@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from l3m_lightning.cli import main  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runlib import run_children  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"sft": None, "length-concise": ("at_most", 10.0), "length-verbose": ("at_least", 30.0)}
@@ -53,21 +55,9 @@ def run(name: str, max_steps: int, eval_rows: int, out: Path) -> dict:
 
 
 def run_in_parallel(args: argparse.Namespace) -> list[dict]:
-    args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = []
-    for name in args.runs:
-        row_json = args.out / f"row-{name}.json"
-        cmd = [sys.executable, __file__, "--runs", name, "--max-steps", str(args.max_steps), "--eval-rows", str(args.eval_rows),
-               "--out", str(args.out), "--row-json", str(row_json)]
-        log = open(args.out / f"{name}.log", "w")
-        procs.append((name, row_json, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
-    rows = []
-    for name, row_json, proc in procs:
-        if proc.wait() != 0:
-            raise SystemExit(f"run {name} failed: see {args.out / (name + '.log')}")
-        rows.append(json.loads(row_json.read_text()))
-    return rows
+    commands = {name: [sys.executable, __file__, "--runs", name, "--max-steps", str(args.max_steps),
+                       "--eval-rows", str(args.eval_rows), "--out", str(args.out)] for name in args.runs}
+    return run_children(commands, args.out, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def main_cli() -> None:

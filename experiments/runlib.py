@@ -247,3 +247,23 @@ if __name__ == "__main__":
     the_spec = json.loads(spec_file.read_text())
     result = train_and_test(the_spec, runs_dir)
     (runs_dir / the_spec["name"] / "row.json").write_text(json.dumps(result, indent=2))
+
+
+def run_children(commands: dict[str, list[str]], out_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """Start one process per named command (each writes ``out_dir/row-<name>.json``), wait, return the rows.
+
+    Each child's output goes to ``out_dir/<name>.log``; a failed child stops the whole table.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for name, cmd in commands.items():
+        row_json = out_dir / f"row-{name}.json"
+        row_json.unlink(missing_ok=True)
+        log = open(out_dir / f"{name}.log", "w")
+        procs.append((name, row_json, subprocess.Popen([*cmd, "--row-json", str(row_json)], env=env, stdout=log, stderr=subprocess.STDOUT)))
+    rows = []
+    for name, row_json, proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"run {name} failed: see {out_dir / (name + '.log')}")
+        rows.append(json.loads(row_json.read_text()))
+    return rows

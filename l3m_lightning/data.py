@@ -131,10 +131,7 @@ class ChatDataModule(L.LightningDataModule):
         embedded_num_prompts: int = 2000,
     ) -> None:
         super().__init__()
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        check_split_and_batch(val_fraction, batch_size)
         self.save_hyperparameters()
         self.tokenizer = None
         self.splits: dict[str, Dataset] = {}
@@ -212,6 +209,14 @@ class ChatDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def check_split_and_batch(val_fraction: float, batch_size: int) -> None:
+    """The held-out fraction and batch size every data module here takes."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    if batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
 
 
 def split_loader(datamodule: L.LightningDataModule, name: str, shuffle: bool) -> DataLoader:

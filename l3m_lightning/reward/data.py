@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from constraints.reward_model import DEFAULT_TEMPLATE, INPUT_FORMATS, check_template, format_for_reward_model, load_rows, resolve_model_path
 
-from l3m_lightning.data import ChatDataModule
+from l3m_lightning.data import ChatDataModule, check_split_and_batch
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        check_split_and_batch(val_fraction, batch_size)
         if max_length < 2:
             raise ValueError(f"data.max_length must be >= 2, got {max_length}")
         if input_format not in INPUT_FORMATS:
