@@ -112,7 +112,8 @@ def run_one(name: str, args) -> dict:
     from l3m_lightning.data import ChatDataModule
     from l3m_lightning.module import L3MModule
     from l3m_lightning.estimator import policy_gradient_surrogate
-    from l3m_lightning.sampling import token_logprobs
+    from l3m_lightning.packing import padded_sequence_logprobs
+    from l3m_lightning.sampling import pack_rollouts
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -157,13 +158,36 @@ def run_one(name: str, args) -> dict:
             estimates = module.all_reduced_means(costs, valid)
             multipliers = module.multiplier_rule(estimates, module.mu_schedule.mu)
         with timer("pg_fwd_bwd"):
-            logp, _ = token_logprobs(module.model, rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
-            surrogate = policy_gradient_surrogate(logp.sum(dim=1), costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
+            logp, _ = padded_sequence_logprobs(module.model, (rollouts.input_ids, rollouts.attention_mask, rollouts.labels))
+            surrogate = policy_gradient_surrogate(logp, costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
             surrogate.backward()
         with timer("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        for lengths, samples in (("full", rollouts), ("varied", cut_at_random_lengths(rollouts))):
+            for fused in (True, False):
+                forward_backward(samples, costs, multipliers, valid, fused, f"fwd_bwd_{'fused' if fused else 'two_pass'}_{lengths}")
         return sum(len(ids) + int(f) for ids, f in zip(rollouts.completion_ids, rollouts.finished))
+
+    def forward_backward(rollouts, costs, multipliers, valid, fused: bool, name: str) -> None:
+        """SFT + policy-gradient forward/backward only, one packed pass (fused) or two padded ones."""
+        module.hparams.fused_forward = fused
+        with timer(name):
+            (sft_logp, sft_tokens), (pg_logp, _) = module.policy_logprobs(batch, rollouts)
+            loss = module.reduce_sft_loss(sft_logp, sft_tokens)[0]
+            loss = loss + policy_gradient_surrogate(pg_logp, costs.to(pg_logp), multipliers.to(pg_logp), rollouts.group_size, valid)
+            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    cut_rng = torch.Generator().manual_seed(0)
+
+    def cut_at_random_lengths(rollouts):
+        """The same samples ended by EOS at uniform random lengths 1..max_new_tokens, as a trained policy's vary."""
+        new = torch.tensor([ids for ids in rollouts.completion_ids], device=device)
+        ends = torch.randint(0, new.shape[1], (new.shape[0],), generator=cut_rng).to(device)
+        new[torch.arange(new.shape[0], device=device), ends] = module.tokenizer.eos_token_id
+        return pack_rollouts(batch["prompt_input_ids"], batch["prompt_attention_mask"], new, args.num_samples,
+                             module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
 
     def l3m_step(fused: bool = True):
         module.hparams.fused_forward = fused
@@ -212,6 +236,7 @@ def run_one(name: str, args) -> dict:
         "l3m_over_sft_step": med["l3m_step"] / med["sft_step"],
         "l3m_over_parts": med["l3m_step"] / parts,
         "fused_over_two_pass": med["l3m_step"] / med["l3m_step_two_pass"],
+        "fwd_bwd_fused_over_two_pass": {k: med[f"fwd_bwd_fused_{k}"] / med[f"fwd_bwd_two_pass_{k}"] for k in ("full", "varied")},
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
     }
@@ -243,15 +268,17 @@ class _NoEos:
 
 
 def table(results: list[dict]) -> str:
-    phases = ["sft_fwd_bwd", "sampling", "scoring", "pg_fwd_bwd", "optimizer", "sft_step", "l3m_step", "l3m_step_two_pass", "bare_decode"]
-    head = f"{'config':<10}{'params':>8}" + "".join(f"{p:>18}" for p in phases)
+    phases = ["sft_fwd_bwd", "sampling", "scoring", "pg_fwd_bwd", "optimizer", "sft_step", "l3m_step", "l3m_step_two_pass", "bare_decode",
+              "fwd_bwd_fused_full", "fwd_bwd_two_pass_full", "fwd_bwd_fused_varied", "fwd_bwd_two_pass_varied"]
+    head = f"{'config':<10}{'params':>8}" + "".join(f"{p:>24}" for p in phases)
     lines = ["per-step time, ms (median)", head]
     for r in results:
-        lines.append(f"{r['config']:<10}{r['params_millions']:>7.1f}M" + "".join(f"{r['ms'][p]:>18.1f}" for p in phases))
-    lines += ["", f"{'config':<10}{'sampled tok/s':>15}{'bare tok/s':>12}{'sampling/bare':>15}{'L3M/SFT step':>14}{'L3M/parts':>11}{'fused/2-pass':>14}{'peak MB':>10}"]
+        lines.append(f"{r['config']:<10}{r['params_millions']:>7.1f}M" + "".join(f"{r['ms'][p]:>24.1f}" for p in phases))
+    lines += ["", f"{'config':<10}{'sampled tok/s':>15}{'bare tok/s':>12}{'sampling/bare':>15}{'L3M/SFT step':>14}{'L3M/parts':>11}{'fused/2-pass':>14}{'f/2p full':>11}{'f/2p varied':>13}{'peak MB':>10}"]
     for r in results:
         lines.append(f"{r['config']:<10}{r['sampled_tokens_per_s']:>15.0f}{r['bare_decode_tokens_per_s']:>12.0f}{r['sampling_fraction_of_bare']:>15.2f}"
-                     f"{r['l3m_over_sft_step']:>14.2f}{r['l3m_over_parts']:>11.2f}{r['fused_over_two_pass']:>14.2f}{r['peak_memory_mb']:>10.0f}")
+                     f"{r['l3m_over_sft_step']:>14.2f}{r['l3m_over_parts']:>11.2f}{r['fused_over_two_pass']:>14.2f}"
+                     f"{r['fwd_bwd_fused_over_two_pass']['full']:>11.2f}{r['fwd_bwd_fused_over_two_pass']['varied']:>13.2f}{r['peak_memory_mb']:>10.0f}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import CatMetric
 from torchmetrics.text import Perplexity
 
@@ -32,8 +33,9 @@ from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, polic
 from l3m_lightning.multipliers import MultiplierRule
 from l3m_lightning.outputs import resolve_export_dir, save_pretrained_atomically
 from l3m_lightning.policy import EMBEDDED, apply_lora, load_policy, load_tokenizer
+from l3m_lightning.packing import pack, packed_sequence_logprobs, packing_matches_padding, padded_sequence_logprobs
 from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
-from l3m_lightning.sampling import Rollouts, sample_rollouts, stack_right_padded, token_logprobs
+from l3m_lightning.sampling import Rollouts, sample_rollouts
 from l3m_lightning.schedules import warmup_cosine
 
 
@@ -62,8 +64,9 @@ class L3MModule(L.LightningModule):
         learning_rate / weight_decay / warmup_ratio / min_lr_ratio: AdamW with linear warm-up then cosine.
         lora: PEFT ``LoraConfig`` fields (e.g. ``{r: 16, lora_alpha: 32}``) to train LoRA adapters only.
         merge_lora_on_export: export a plain merged model (default) or just the adapters.
-        fused_forward: reference and sampled sequences share one forward pass. Off by default: on CPU
-            (bench/step_time.py) the padding it adds made steps 3–11% slower than two passes; untested on GPU.
+        fused_forward: reference and sampled sequences share one padding-free forward/backward
+            (packing.py); checked once against two padded passes, which it falls back to for a model
+            that ignores packed position ids. bench/step_time.py times both.
         log_samples_every_n_steps: how often sampled prompt/response pairs go to TensorBoard as text.
         val_generate: sample one response per held-out prompt in validation/test and log constraint values.
         init_seed: seed of the embedded model's random init.
@@ -100,7 +103,7 @@ class L3MModule(L.LightningModule):
         warmup_ratio: float = 0.05,
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
-        fused_forward: bool = False,
+        fused_forward: bool = True,
         lora: dict[str, Any] | None = None,
         merge_lora_on_export: bool = True,
         log_samples_every_n_steps: int = 50,
@@ -131,14 +134,15 @@ class L3MModule(L.LightningModule):
             self.model = apply_lora(self.model, lora)
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.loaded_global_step = 0
+        self._packing_ok: bool | None = None  # fused_forward: does the model honour packed position ids?
         # Held-out samples' values, gathered across ranks at epoch end (means and confidence intervals).
         self.eval_values = torch.nn.ModuleDict({key: CatMetric() for key in self._eval_metric_keys()})
 
     # --- the training step ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         rollouts = self.sample(batch, self.hparams.num_samples) if self.constraints else None
-        (sft_logp, sft_mask), pg = self.policy_logprobs(batch, rollouts)
-        sft_loss, token_nll = self.reduce_sft_loss(sft_logp, sft_mask)
+        (sft_logp, sft_tokens), pg = self.policy_logprobs(batch, rollouts)
+        sft_loss, token_nll = self.reduce_sft_loss(sft_logp, sft_tokens)
         loss = sft_loss
         self.log_dict({"train/sft_loss": token_nll, "train/ppl": token_nll.exp()}, prog_bar=True)
 
@@ -149,8 +153,8 @@ class L3MModule(L.LightningModule):
             multipliers = self.multiplier_rule(smoothed, self.mu_schedule.mu)
             # this step's constraint tensors, for callbacks (the distributed tests read them)
             self.last_constraint_stats = {"costs": costs, "valid": valid, "estimates": estimates, "multipliers": multipliers}
-            pg_logp, _ = pg  # [B*K, T] log π of each sampled token
-            surrogate = policy_gradient_surrogate(pg_logp.sum(dim=1), costs.to(pg_logp), multipliers.to(pg_logp), rollouts.group_size, valid)
+            pg_logp, _ = pg  # [B*K] log π(y|x) of each sampled response
+            surrogate = policy_gradient_surrogate(pg_logp, costs.to(pg_logp), multipliers.to(pg_logp), rollouts.group_size, valid)
             loss = loss + surrogate
             self.log("barrier/mu", self.mu_schedule.mu)
             # the barrier's linear region is Ĉ > −μ²; for the baselines, plain violation Ĉ > 0
@@ -170,30 +174,47 @@ class L3MModule(L.LightningModule):
 
     # --- pieces of the step -----------------------------------------------------------------------
     def policy_logprobs(self, batch: dict[str, Any], rollouts: Rollouts | None):
-        """Token log-probs of the reference responses and, if any, of the sampled ones.
+        """Per sequence, summed log π of the labelled tokens and their count: references, then samples.
 
-        With ``fused_forward`` both go through one forward pass (one larger batch instead of two),
-        so the single backward of SFT + surrogate also runs once through one graph.
+        With ``fused_forward`` both sets go through one padding-free pass (packing.py): one
+        forward/backward instead of two, and no compute on padding.
         """
         sft = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         if rollouts is None:
-            return token_logprobs(self.model, *sft), None
+            return padded_sequence_logprobs(self.model, sft), None
         pg = (rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
-        if not self.hparams.fused_forward:
-            return token_logprobs(self.model, *sft), token_logprobs(self.model, *pg)
-        logp, mask = token_logprobs(self.model, *stack_right_padded([sft, pg], self.tokenizer.pad_token_id))
+        if not self.packing_enabled([sft, pg]):
+            return padded_sequence_logprobs(self.model, sft), padded_sequence_logprobs(self.model, pg)
+        sums, counts = packed_sequence_logprobs(self.model, pack([sft, pg], self.tokenizer.pad_token_id))
         n = sft[0].shape[0]
-        return (logp[:n], mask[:n]), (logp[n:], mask[n:])
+        return (sums[:n], counts[:n]), (sums[n:], counts[n:])
 
-    def reduce_sft_loss(self, logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The SFT loss (per token by default, or per response) and the detached per-token NLL."""
-        token_nll = -logp.sum() / mask.sum().clamp(min=1)
+    def packing_enabled(self, parts) -> bool:
+        """``fused_forward``, once the model is seen to honour packed position ids (checked on the first batch)."""
+        if not self.hparams.fused_forward:
+            return False
+        if self._packing_ok is None:
+            ok = torch.tensor(float(packing_matches_padding(self.model, parts, self.tokenizer.pad_token_id)), device=self.device)
+            if self._trainer is not None:  # every rank must take the same path: FSDP forwards are collective
+                ok = self.trainer.strategy.reduce(ok, reduce_op="mean")
+            self._packing_ok = bool(ok.item() == 1.0)
+            if not self._packing_ok:
+                rank_zero_warn(f"model.fused_forward: {type(self.model).__name__} attends across packed sequences "
+                               "(it ignores position_ids restarts); using two padded passes instead")
+        return self._packing_ok
+
+    def reduce_sft_loss(self, logp: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SFT loss (per token by default, or per response) and the detached per-token NLL.
+
+        ``logp``/``tokens``: each reference response's summed log-prob and token count.
+        """
+        token_nll = -logp.sum() / tokens.sum().clamp(min=1)
         loss = -logp.sum() / logp.shape[0] if self.hparams.sft_loss_reduction == "sequence" else token_nll
         return loss, token_nll.detach()
 
     def sft_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """SFT loss of a batch on its own (see ``reduce_sft_loss``)."""
-        return self.reduce_sft_loss(*token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+        return self.reduce_sft_loss(*padded_sequence_logprobs(self.model, (batch["input_ids"], batch["attention_mask"], batch["labels"])))
 
     def sample(self, batch: dict[str, Any], num_samples: int) -> Rollouts:
         hp = self.hparams

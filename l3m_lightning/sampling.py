@@ -116,16 +116,3 @@ def token_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logp * mask, mask
 
-
-def stack_right_padded(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack right-padded (input_ids, attention_mask, labels) batches of different widths into one."""
-    width = max(ids.shape[1] for ids, _, _ in parts)
-
-    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    return (
-        torch.cat([widen(ids, pad_token_id) for ids, _, _ in parts]),
-        torch.cat([widen(mask, 0) for _, mask, _ in parts]),
-        torch.cat([widen(labels, IGNORE_INDEX) for _, _, labels in parts]),
-    )

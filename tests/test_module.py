@@ -132,6 +132,7 @@ def test_fused_forward_gives_the_same_loss_and_gradients_as_two_passes(batch):
         loss = module.training_step(batch, 0)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in module.model.parameters()]))
+        assert module._packing_ok is (True if fused else None)  # the fused run really packed
     (fused_loss, fused_grads), (split_loss, split_grads) = results
     torch.testing.assert_close(fused_loss, split_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(fused_grads, split_grads):

@@ -1,0 +1,107 @@
+"""Padding-free forward passes: pack variable-length sequences into a few rows, no pad tokens.
+
+A training step scores two sets of sequences with the same model: the reference responses (SFT)
+and the sampled ones (policy gradient). Padded to one width they waste most of the compute when
+lengths vary (one 64-token sample pads 63 concise ones). Packing lays the sequences end to end in
+rows of the longest sequence's width, with ``position_ids`` restarting at 0 for each; with no 2-D
+attention mask, Hugging Face models build a block-causal mask from those position ids, so every
+token attends only to its own sequence (``transformers.masking_utils.find_packed_sequence_indices``;
+flash-attention models use the same ids for variable-length kernels).
+
+Models that ignore ``position_ids`` would silently attend across sequences, so
+``packing_matches_padding`` checks a batch both ways once before packing is trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from l3m_lightning.data import IGNORE_INDEX
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # right-padded input_ids, attention_mask, labels
+
+
+@dataclass
+class Packed:
+    """Sequences laid end to end in ``[R, W]`` rows; ``segment`` says which sequence each token is."""
+
+    input_ids: torch.Tensor  # [R, W]
+    position_ids: torch.Tensor  # [R, W], restarting at 0 for every sequence (and for each row's tail)
+    targets: torch.Tensor  # [R, W] the next token of the same sequence to score, IGNORE_INDEX elsewhere
+    segment: torch.Tensor  # [R, W] sequence index, -1 for the tail of a row
+    num_sequences: int
+
+
+def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
+    """Bins (lists of sequence indices) of total length ≤ ``width``, longest sequences placed first."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if b is None:
+            bins.append([])
+            room.append(width)
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    return bins
+
+
+def pack(parts: list[Batch], pad_token_id: int) -> Packed:
+    """Pack the sequences of several right-padded batches (in order: part 0's rows, then part 1's, ...)."""
+    ids = [row[: int(m.sum())] for input_ids, mask, _ in parts for row, m in zip(input_ids, mask)]
+    labels = [row[: int(m.sum())] for _, mask, lab in parts for row, m in zip(lab, mask)]
+    lengths = [len(s) for s in ids]
+    width = max(lengths)
+    bins = first_fit_decreasing(lengths, width)
+    device = parts[0][0].device
+    input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long, device=device)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long, device=device)
+    targets = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long, device=device)
+    segment = torch.full((len(bins), width), -1, dtype=torch.long, device=device)
+    for r, members in enumerate(bins):
+        start = 0
+        for i in members:
+            n = lengths[i]
+            input_ids[r, start : start + n] = ids[i]
+            position_ids[r, start : start + n] = torch.arange(n, device=device)
+            targets[r, start : start + n - 1] = labels[i][1:]  # token t scores token t+1 of its own sequence
+            segment[r, start : start + n] = i
+            start += n
+        position_ids[r, start:] = torch.arange(width - start, device=device)  # the tail: its own dummy sequence
+    return Packed(input_ids, position_ids, targets, segment, len(ids))
+
+
+def packed_sequence_logprobs(model: torch.nn.Module, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed log π of its labelled tokens ``[N]`` and how many there are ``[N]``."""
+    logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, use_cache=False).logits
+    scored = packed.targets != IGNORE_INDEX
+    # log-softmax only where a token is scored (prompts and row tails are most of the positions)
+    logp = torch.log_softmax(logits[scored].float(), dim=-1).gather(-1, packed.targets[scored].unsqueeze(-1)).squeeze(-1)
+    segment = packed.segment[scored]
+    sums = torch.zeros(packed.num_sequences, dtype=logp.dtype, device=logp.device).index_add(0, segment, logp)
+    counts = torch.zeros(packed.num_sequences, dtype=torch.long, device=logp.device).index_add(0, segment, torch.ones_like(segment))
+    return sums, counts
+
+
+def padded_sequence_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same per-sequence sums and counts from an ordinary right-padded forward pass."""
+    from l3m_lightning.sampling import token_logprobs
+
+    logp, mask = token_logprobs(model, *batch)
+    return logp.sum(dim=1), mask.sum(dim=1)
+
+
+@torch.no_grad()
+def packing_matches_padding(model: torch.nn.Module, parts: list[Batch], pad_token_id: int, atol: float = 1e-3) -> bool:
+    """True when packed and padded passes agree, i.e. the model restarts attention at each position-0."""
+    was_training = model.training
+    model.eval()
+    try:
+        packed, _ = packed_sequence_logprobs(model, pack(parts, pad_token_id))
+        padded = torch.cat([padded_sequence_logprobs(model, part)[0] for part in parts])
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(packed, padded, atol=atol, rtol=1e-4))

@@ -1,0 +1,112 @@
+"""Padding-free packing: same per-sequence log-probs and gradients as padded passes, and a fallback."""
+
+import random
+
+import pytest
+import torch
+
+from l3m_lightning.data import IGNORE_INDEX
+from l3m_lightning.embedded.model import build_embedded_model
+from l3m_lightning.packing import first_fit_decreasing, pack, packed_sequence_logprobs, packing_matches_padding, padded_sequence_logprobs
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
+
+
+def _right_padded(lengths: list[int], prompt_lengths: list[int], vocab: int, pad: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    labels = torch.full((len(lengths), width), IGNORE_INDEX)
+    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
+        ids[i, :n] = torch.randint(5, vocab, (n,), generator=g)
+        mask[i, :n] = 1
+        labels[i, p:n] = ids[i, p:n]
+    return ids, mask, labels
+
+
+@pytest.fixture(scope="module")
+def parts(tokenizer):
+    pad = tokenizer.pad_token_id
+    sft = _right_padded([17, 9, 30], [5, 4, 12], len(tokenizer), pad, seed=0)
+    samples = _right_padded([8, 8, 25, 6, 13, 7], [6, 6, 6, 5, 5, 5], len(tokenizer), pad, seed=1)
+    return [sft, samples]
+
+
+@pytest.mark.parametrize("lengths,width,rows", [([5, 3, 3, 2, 9, 1], 9, 3), ([4] * 7, 10, 4), ([10], 10, 1)])
+def test_first_fit_decreasing_places_every_sequence_once_within_the_width(lengths, width, rows):
+    bins = first_fit_decreasing(lengths, width)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= width for b in bins)
+    assert len(bins) == rows  # the fewest possible for these lengths
+
+
+def test_packing_uses_fewer_rows_and_restarts_positions(parts, tokenizer):
+    packed = pack(parts, tokenizer.pad_token_id)
+    assert packed.num_sequences == 9
+    assert packed.input_ids.shape[0] < 9 and packed.input_ids.shape[1] == 30
+    for i in range(9):  # each sequence's positions run 0..n-1 and it scores n - 1 - prompt tokens
+        where = packed.segment == i
+        assert packed.position_ids[where].tolist() == list(range(int(where.sum())))
+    assert int((packed.targets != IGNORE_INDEX).sum()) == sum(int((lab[:, 1:] != IGNORE_INDEX).sum()) for _, _, lab in parts)
+
+
+def test_packed_logprobs_and_gradients_match_padded_passes(parts, tokenizer):
+    model = build_embedded_model(tokenizer, TINY, seed=0)
+    sums, counts = packed_sequence_logprobs(model, pack(parts, tokenizer.pad_token_id))
+    (-sums.sum()).backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    padded = [padded_sequence_logprobs(model, part) for part in parts]
+    padded_sums = torch.cat([s for s, _ in padded])
+    (-padded_sums.sum()).backward()
+    torch.testing.assert_close(sums, padded_sums, rtol=1e-4, atol=1e-4)
+    assert counts.tolist() == torch.cat([c for _, c in padded]).tolist()
+    for a, p in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_a_gpt2_model_packs_too(parts, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    assert packing_matches_padding(model, parts, tokenizer.pad_token_id)
+
+
+class _IgnoresPositions(torch.nn.Module):
+    """A causal LM that drops position_ids: packed sequences would see each other."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_the_check_catches_a_model_that_attends_across_sequences(parts, tokenizer):
+    model = build_embedded_model(tokenizer, TINY, seed=0)
+    assert packing_matches_padding(model, parts, tokenizer.pad_token_id)
+    assert not packing_matches_padding(_IgnoresPositions(model), parts, tokenizer.pad_token_id)
+
+
+def test_module_falls_back_to_two_passes_with_a_warning(parts, tokenizer):
+    from tests.test_module import _module
+
+    module = _module(constraints=[{"name": "length", "threshold": 2, "scale": 4}], num_samples=2, fused_forward=True)
+    module.model = _IgnoresPositions(module.model)
+    with pytest.warns(UserWarning, match="fused_forward.*two padded passes"):
+        assert module.packing_enabled(parts) is False
+    assert module.packing_enabled(parts) is False  # decided once
+
+
+def test_lengths_drawn_at_random_pack_exactly(tokenizer):
+    rng = random.Random(0)
+    lengths = [rng.randint(2, 40) for _ in range(23)]
+    part = _right_padded(lengths, [1] * len(lengths), len(tokenizer), tokenizer.pad_token_id, seed=3)
+    packed = pack([part], tokenizer.pad_token_id)
+    assert int((packed.segment >= 0).sum()) == sum(lengths)
+    assert packed.input_ids.numel() < part[0].numel()
