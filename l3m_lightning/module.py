@@ -15,6 +15,7 @@ With no constraints it is plain SFT.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from l3m_lightning.packing import pack, packed_sequence_logprobs, packing_matche
 from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
 from l3m_lightning.sampling import Rollouts, sample_rollouts
 from l3m_lightning.schedules import warmup_cosine
+from l3m_lightning.sharded_generation import unsharded_for_generation
 
 
 class L3MModule(L.LightningModule):
@@ -51,6 +53,9 @@ class L3MModule(L.LightningModule):
         num_samples: K responses sampled per prompt (K ≥ 2 enables the leave-one-out baseline).
         max_new_tokens / temperature / top_k / top_p: sampling; temperature 1 and no truncation
             keep the policy gradient unbiased.
+        generation_batch_size: at most this many sequences are decoded at once (None: all B·K), to
+            bound the KV cache. Under FSDP2 the parameters are gathered once for the whole batch
+            (sharded_generation.py); under FSDP1 every decode step all-gathers, ranks in lockstep.
         mu_start / mu_floor / mu_decay / mu_decay_every: μ ← max(floor, decay·μ) every N steps.
         constraint_ema: EMA of Ĉ_i before reading λ_i off (0 = off; our option, not the paper's).
         method: ``barrier`` (L3M), ``lagrangian`` (the paper's MM baseline: λ ← max(0, λ + dual_lr·Ĉ),
@@ -83,6 +88,7 @@ class L3MModule(L.LightningModule):
         constraints: list[dict[str, Any]] | None = None,
         num_samples: int = 2,
         max_new_tokens: int = 64,
+        generation_batch_size: int | None = None,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -116,6 +122,8 @@ class L3MModule(L.LightningModule):
             raise ValueError(f"model.num_samples must be >= 1, got {num_samples}")
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if generation_batch_size is not None and generation_batch_size < 1:
+            raise ValueError(f"model.generation_batch_size must be >= 1 sequences (or null for all), got {generation_batch_size}")
         if sft_loss_reduction not in ("token", "sequence"):
             raise ValueError(f"model.sft_loss_reduction must be 'token' or 'sequence', got {sft_loss_reduction!r}")
         if temperature <= 0:
@@ -218,19 +226,23 @@ class L3MModule(L.LightningModule):
 
     def sample(self, batch: dict[str, Any], num_samples: int) -> Rollouts:
         hp = self.hparams
-        return sample_rollouts(
-            self.model,
-            batch["prompt_input_ids"],
-            batch["prompt_attention_mask"],
-            num_samples=num_samples,
-            max_new_tokens=hp.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            temperature=hp.temperature,
-            top_k=hp.top_k,
-            top_p=hp.top_p,
-            synced_gpus=self.params_sharded(),
-        )
+        sharded = self.params_sharded()
+        with unsharded_for_generation(self.model) if sharded else nullcontext(False) as gathered:
+            return sample_rollouts(
+                self.model,
+                batch["prompt_input_ids"],
+                batch["prompt_attention_mask"],
+                num_samples=num_samples,
+                max_new_tokens=hp.max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                temperature=hp.temperature,
+                top_k=hp.top_k,
+                top_p=hp.top_p,
+                # gathered parameters: no collectives while decoding, each rank stops on its own
+                synced_gpus=sharded and not gathered,
+                max_rows_per_call=hp.generation_batch_size,
+            )
 
     def params_sharded(self) -> bool:
         """True under FSDP1/FSDP2 with >1 rank: every forward all-gathers, so ranks must generate in lockstep."""

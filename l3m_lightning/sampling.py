@@ -43,8 +43,12 @@ def sample_rollouts(
     top_p: float = 1.0,
     do_sample: bool = True,
     synced_gpus: bool | None = None,
+    max_rows_per_call: int | None = None,
 ) -> Rollouts:
     """Sample ``num_samples`` responses for each left-padded prompt; no gradient is recorded.
+
+    ``max_rows_per_call`` bounds the sequences decoded at once (the KV cache grows with them): the
+    prompts go through ``generate`` in chunks of ``max(1, max_rows_per_call // num_samples)``.
 
     ``synced_gpus=True`` keeps every rank running forward passes until all ranks' rows have stopped:
     required when parameters are sharded (FSDP1/FSDP2), where each forward all-gathers parameters
@@ -62,15 +66,18 @@ def sample_rollouts(
         pad_token_id=pad_token_id,
         use_cache=True,
     )
+    chunk = len(prompt_input_ids) if not max_rows_per_call else max(1, max_rows_per_call // num_samples)
     was_training = model.training
     model.eval()
     try:
-        generated = model.generate(
-            input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, generation_config=config, synced_gpus=synced_gpus
-        )
+        pieces = [
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced_gpus)[:, ids.shape[1] :]
+            for ids, mask in zip(prompt_input_ids.split(chunk), prompt_attention_mask.split(chunk))
+        ]
     finally:
         model.train(was_training)
-    new_tokens = generated[:, prompt_input_ids.shape[1] :]
+    width = max(p.shape[1] for p in pieces)  # a chunk whose rows all hit EOS early is narrower
+    new_tokens = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_token_id) for p in pieces])
     return pack_rollouts(prompt_input_ids, prompt_attention_mask, new_tokens, num_samples, eos_token_id, pad_token_id)
 
 

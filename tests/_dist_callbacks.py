@@ -2,7 +2,7 @@
 
 After every training batch it records, per rank, the μ the step used, the local constraint costs and
 validity masks and the estimates/multipliers the module applied (``L3MModule.last_constraint_stats``),
-and rewrites ``<out_dir>/rank<r>.json``.
+how many parameter all-gathers sampling made, and rewrites ``<out_dir>/rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,36 @@ from pathlib import Path
 
 import lightning as L
 
+from l3m_lightning.sharded_generation import fsdp2_modules
+
 
 class LambdaDump(L.Callback):
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.records: list[dict] = []
         self._mu = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Count FSDP2's parameter all-gathers (``dist.all_gather_single``) made while sampling."""
+        import torch.distributed as dist
+
+        sample = pl_module.sample
+
+        def counted(batch, num_samples):
+            real, calls = dist.all_gather_single, [0]
+
+            def spy(*args, **kwargs):
+                calls[0] += 1
+                return real(*args, **kwargs)
+
+            dist.all_gather_single = spy
+            try:
+                return sample(batch, num_samples)
+            finally:
+                dist.all_gather_single = real
+                self._gathers = calls[0]
+
+        pl_module.sample = counted
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._mu = pl_module.mu_schedule.mu  # μ decays in optimizer_step, i.e. before batch end
@@ -35,6 +59,9 @@ class LambdaDump(L.Callback):
             "multipliers": stats["multipliers"].double().cpu().tolist(),
             "strategy": type(trainer.strategy).__name__,
             "sharded": pl_module.params_sharded(),
+            "generation_all_gathers": self._gathers,
+            "fsdp_modules": len(fsdp2_modules(pl_module.model)),
+            "sampled_rows": len(stats["costs"][0]),
         })
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))

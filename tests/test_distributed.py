@@ -69,7 +69,8 @@ def ddp_run(tmp_path_factory):
 def fsdp2_run(tmp_path_factory):
     """4 steps under FSDP2 (checkpoints at 2 and 4, validation at 4), then `--ckpt_path last` to step 6."""
     tmp_path = tmp_path_factory.mktemp("fsdp2")
-    _fit(tmp_path, FSDP2, "--trainer.max_steps", "4", "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump"))
+    _fit(tmp_path, FSDP2, "--trainer.max_steps", "4", "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump"),
+         "--model.generation_batch_size", "3")  # 8 rows per rank, decoded 2 at a time
     meta_first = torch.load(tmp_path / "runs" / "ckpt" / "last.ckpt" / "meta.pt", weights_only=False)
     weights_first = _checkpoint_weights(tmp_path / "runs" / "ckpt" / "last.ckpt", tmp_path / "full_first.pt")
     _fit(tmp_path, FSDP2, "--trainer.max_steps", "6", "--ckpt_path", "last",
@@ -120,6 +121,14 @@ def test_fsdp2_lambda_identical_across_ranks_and_equal_to_union(fsdp2_run):
     rank0, rank1 = _dumps(tmp_path / "dump")
     assert rank0[0]["strategy"] == "ModelParallelStrategy" and rank0[0]["sharded"] and rank1[0]["sharded"]
     _check_lambda_against_union(rank0, rank1)
+
+
+def test_fsdp2_sampling_gathers_each_block_once_per_step(fsdp2_run, ddp_run):
+    """Without the gather, each of the 4 micro-batches x up to 7 forwards would all-gather every block."""
+    for r in _dumps(fsdp2_run[0] / "dump")[0] + _dumps(fsdp2_run[0] / "dump")[1]:
+        assert r["fsdp_modules"] == 2 and r["sampled_rows"] == 8  # one decoder block + the root
+        assert r["generation_all_gathers"] == r["fsdp_modules"], r
+    assert all(r["generation_all_gathers"] == 0 for r in _dumps(ddp_run / "dump")[0])
 
 
 def test_fsdp2_resume_continues_with_the_same_mu(fsdp2_run):

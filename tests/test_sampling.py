@@ -59,3 +59,27 @@ def test_token_logprobs_match_a_manual_forward(model):
     expected = sum(full[t - 1, ids[0, t]] for t in range(2, 5))
     assert used.sum(dim=1).tolist() == [3, 1]
     assert logp[0].sum().item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("num_samples,max_rows", [(1, 1), (1, 3), (1, 100)])  # greedy allows K = 1 only
+def test_generation_micro_batches_give_the_same_greedy_tokens(model, tokenizer, num_samples, max_rows):
+    prompts = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in ["What is 2 plus 2?", "Name three primary colours.", "Hi", "Why?"]]
+    ids, mask = _left_pad(prompts, tokenizer.pad_token_id)
+    kwargs = dict(num_samples=num_samples, max_new_tokens=9, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    whole = sample_rollouts(model, ids, mask, **kwargs)
+    chunked = sample_rollouts(model, ids, mask, max_rows_per_call=max_rows, **kwargs)
+    assert chunked.completion_ids == whole.completion_ids and len(whole.completion_ids) == 4 * num_samples
+    assert torch.equal(chunked.input_ids, whole.input_ids) and torch.equal(chunked.finished, whole.finished)
+
+
+def test_micro_batches_that_stop_early_are_padded_back_to_one_width(model, tokenizer):
+    """A chunk whose rows all hit EOS is narrower than the rest; its rows still pack correctly."""
+    eos = tokenizer.eos_token_id
+    ids, mask = _left_pad([[5, 6], [7, 8]], tokenizer.pad_token_id)
+    from unittest import mock
+
+    outputs = iter([torch.tensor([[5, 6, 9, eos]]), torch.tensor([[7, 8, 9, 9, 9, 9]])])
+    with mock.patch.object(model, "generate", side_effect=lambda **kw: next(outputs)):
+        r = sample_rollouts(model, ids, mask, num_samples=1, max_new_tokens=4, eos_token_id=eos,
+                            pad_token_id=tokenizer.pad_token_id, max_rows_per_call=1)
+    assert r.completion_ids == [[9], [9, 9, 9, 9]] and r.finished.tolist() == [True, False]
