@@ -13,11 +13,16 @@ For each model config (``embedded``: the embedded default; ``50m``: a ~50M-param
 * the real thing end to end: ``training_step`` + one backward + optimiser step ("L3M step"),
   and an SFT step (SFT forward/backward + optimiser);
 * a bare KV-cached sampling loop (prefill, then one token per step for every row, no stopping, no
-  logits processors) on the same model, prompts and K: the practical limit for sampling here.
+  logits processors) on the same model, prompts and K: the practical limit for sampling here;
+* the SFT + policy-gradient forward/backward alone, fused (one packed, padding-free pass) against
+  two padded passes, on the sampled responses at full length ("full": every sample runs to
+  ``max_new_tokens``, the worst case for packing) and cut by EOS at uniform random lengths
+  ("varied": what a trained policy's samples look like).
 
 Reported: per-phase ms, sampled tokens/s, sampling throughput as a fraction of the bare loop,
 L3M step / SFT step, L3M step / (SFT step + sampling + scoring + PG fwd/bwd) (1.0 = no hidden
-overhead), peak memory (max RSS of the process on CPU — each config runs in its own subprocess —
+overhead), fused / two-pass (end-to-end step, and forward/backward only on full and varied
+lengths), peak memory (max RSS of the process on CPU — each config runs in its own subprocess —
 or ``torch.cuda.max_memory_allocated`` on GPU). The table is printed and the JSON written to
 ``bench/results/step_time.json`` (``--out``).
 """
