@@ -6,6 +6,7 @@ saves it in the Hugging Face format: afterwards it loads with ``AutoTokenizer`` 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,7 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from l3m_lightning.embedded.dataset import corpus_text, generate_rows
 
-# Bump when the corpus, the special tokens or the template change: the cache key depends on it.
+# Part of the cache key, with a hash of the code that defines the corpus and the training (below):
+# editing either trains a fresh tokenizer instead of silently reusing a stale one.
 TOKENIZER_VERSION = "v1"
 VOCAB_SIZE = 2048
 PAD, EOS = "<|pad|>", "<|end|>"
@@ -35,7 +37,7 @@ def cache_root() -> Path:
 
 def embedded_tokenizer_path() -> Path:
     """Train (first call) and return the directory of the embedded tokenizer."""
-    target = cache_root() / f"embedded-tokenizer-{TOKENIZER_VERSION}"
+    target = cache_root() / f"embedded-tokenizer-{TOKENIZER_VERSION}-{_source_hash()}"
     if (target / "tokenizer.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +52,16 @@ def embedded_tokenizer_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _source_hash() -> str:
+    """Short hash of dataset.py and this file: the corpus, vocabulary size, special tokens, template."""
+    from l3m_lightning.embedded import dataset
+
+    digest = hashlib.sha256()
+    for source in (Path(dataset.__file__), Path(__file__)):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def _train(out_dir: Path) -> None:
