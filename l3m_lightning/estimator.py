@@ -75,6 +75,36 @@ def policy_gradient_surrogate(
     return total
 
 
+def token_level_surrogate(
+    token_logprobs: torch.Tensor,
+    token_sequence: torch.Tensor,
+    baseline_shift: torch.Tensor,
+    costs: torch.Tensor,
+    multipliers: torch.Tensor,
+    group_size: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``policy_gradient_surrogate`` with a per-token baseline β_ijt = β_ij + shift_it.
+
+    Token t of sample j gets the advantage c_ij − β_ij − shift_it, where β_ij is the leave-one-out
+    baseline and ``shift_it`` ([k, M]) may depend on the prompt and the tokens *before* t only
+    (e.g. V_i(x, y_<t) − V_i(x)), so the gradient stays unbiased. With a zero shift it equals
+    ``policy_gradient_surrogate`` exactly. ``token_logprobs``/``token_sequence``: [M] log π of each
+    sampled token and the index of its sample.
+    """
+    num_samples = costs.shape[1]
+    valid = torch.ones_like(costs, dtype=torch.bool) if valid is None else valid.bool()
+    dtype = token_logprobs.dtype
+    total = token_logprobs.new_zeros(())
+    for i in range(costs.shape[0]):
+        c = costs[i].detach().to(dtype)
+        per_sample = torch.where(valid[i], c - leave_one_out_baseline(c, group_size, valid[i]), torch.zeros_like(c))
+        advantage = (per_sample[token_sequence] - baseline_shift[i].detach().to(dtype)) * valid[i][token_sequence]
+        weighted = torch.zeros(num_samples, dtype=dtype, device=token_logprobs.device).index_add(0, token_sequence, advantage.detach() * token_logprobs)
+        total = total + multipliers[i].detach().to(dtype) * masked_mean(weighted, valid[i])
+    return total
+
+
 class ExponentialMovingAverage:
     """Optional smoothing of Ĉ_i before λ_i is read off (our option, not the paper's; off by default).
 

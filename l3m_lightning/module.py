@@ -30,15 +30,16 @@ from l3m_lightning.barrier import MuSchedule
 from l3m_lightning.callbacks import JsonlPredictionWriter
 from l3m_lightning.data import IGNORE_INDEX
 from l3m_lightning.diagnostics import FeasibilityMonitor
-from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, policy_gradient_surrogate
+from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, policy_gradient_surrogate, token_level_surrogate
 from l3m_lightning.multipliers import MultiplierRule
 from l3m_lightning.outputs import resolve_export_dir, save_pretrained_atomically
 from l3m_lightning.policy import EMBEDDED, apply_lora, load_policy, load_tokenizer
-from l3m_lightning.packing import pack, packed_sequence_logprobs, packing_matches_padding, padded_sequence_logprobs
+from l3m_lightning.packing import TokenLogprobs, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs
 from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
 from l3m_lightning.sampling import Rollouts, sample_rollouts
 from l3m_lightning.schedules import warmup_cosine
 from l3m_lightning.sharded_generation import unsharded_for_generation
+from l3m_lightning.value_baseline import TokenValueHead
 
 
 class L3MModule(L.LightningModule):
@@ -58,6 +59,9 @@ class L3MModule(L.LightningModule):
             (sharded_generation.py); under FSDP1 every decode step all-gathers, ranks in lockstep.
         mu_start / mu_floor / mu_decay / mu_decay_every: μ ← max(floor, decay·μ) every N steps.
         constraint_ema: EMA of Ĉ_i before reading λ_i off (0 = off; our option, not the paper's).
+        value_baseline: add a learned per-token baseline V_i(x, y_<t) − V_i(x) to the leave-one-out one
+            (value_baseline.py): still unbiased, and the content tokens of a long response stop
+            carrying the advantage its first tokens earned. Our option (method.md leaves the baseline open).
         method: ``barrier`` (L3M), ``lagrangian`` (the paper's MM baseline: λ ← max(0, λ + dual_lr·Ĉ),
             from ``dual_init``) or ``penalty`` (fixed ``penalty_weights``); see multipliers.py.
         infeasibility_patience: warn once when a constraint stays this many steps in the barrier's
@@ -97,6 +101,7 @@ class L3MModule(L.LightningModule):
         mu_decay: float = 0.9,
         mu_decay_every: int = 10,
         constraint_ema: float = 0.0,
+        value_baseline: bool = False,
         method: str = "barrier",
         dual_lr: float = 0.1,
         dual_init: float | list[float] = 0.0,
@@ -140,6 +145,9 @@ class L3MModule(L.LightningModule):
             self.model.gradient_checkpointing_enable()
         if lora is not None:
             self.model = apply_lora(self.model, lora)
+        # optional learned per-token baseline (value_baseline.py); its parameters train alongside
+        self.value_head = (TokenValueHead(self.model.config.hidden_size, len(self.constraints), max_new_tokens)
+                           if value_baseline and self.constraints else None)
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.loaded_global_step = 0
         self._packing_ok: bool | None = None  # fused_forward: does the model honour packed position ids?
@@ -149,8 +157,8 @@ class L3MModule(L.LightningModule):
     # --- the training step ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         rollouts = self.sample(batch, self.hparams.num_samples) if self.constraints else None
-        (sft_logp, sft_tokens), pg = self.policy_logprobs(batch, rollouts)
-        sft_loss, token_nll = self.reduce_sft_loss(sft_logp, sft_tokens)
+        sft, pg = self.policy_logprobs(batch, rollouts)
+        sft_loss, token_nll = self.reduce_sft_loss(sft.sums(), sft.counts())
         loss = sft_loss
         self.log_dict({"train/sft_loss": token_nll, "train/ppl": token_nll.exp()}, prog_bar=True)
 
@@ -161,9 +169,7 @@ class L3MModule(L.LightningModule):
             multipliers = self.multiplier_rule(smoothed, self.mu_schedule.mu)
             # this step's constraint tensors, for callbacks (the distributed tests read them)
             self.last_constraint_stats = {"costs": costs, "valid": valid, "estimates": estimates, "multipliers": multipliers}
-            pg_logp, _ = pg  # [B*K] log π(y|x) of each sampled response
-            surrogate = policy_gradient_surrogate(pg_logp, costs.to(pg_logp), multipliers.to(pg_logp), rollouts.group_size, valid)
-            loss = loss + surrogate
+            loss = loss + self.constraint_surrogate(pg, costs, valid, multipliers, rollouts.group_size)
             self.log("barrier/mu", self.mu_schedule.mu)
             # the barrier's linear region is Ĉ > −μ²; for the baselines, plain violation Ĉ > 0
             region_mu = self.mu_schedule.mu if self.hparams.method == "barrier" else 0.0
@@ -181,21 +187,31 @@ class L3MModule(L.LightningModule):
         self.mu_schedule.step()
 
     # --- pieces of the step -----------------------------------------------------------------------
-    def policy_logprobs(self, batch: dict[str, Any], rollouts: Rollouts | None):
-        """Per sequence, summed log π of the labelled tokens and their count: references, then samples.
+    def policy_logprobs(self, batch: dict[str, Any], rollouts: Rollouts | None) -> tuple[TokenLogprobs, TokenLogprobs | None]:
+        """log π of every labelled token: of the references, and of the samples if any.
 
         With ``fused_forward`` both sets go through one padding-free pass (packing.py): one
         forward/backward instead of two, and no compute on padding.
         """
         sft = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         if rollouts is None:
-            return padded_sequence_logprobs(self.model, sft), None
+            return padded_token_logprobs(self.model, sft), None
         pg = (rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
+        hidden = self.value_head is not None
         if not self.packing_enabled([sft, pg]):
-            return padded_sequence_logprobs(self.model, sft), padded_sequence_logprobs(self.model, pg)
-        sums, counts = packed_sequence_logprobs(self.model, pack([sft, pg], self.tokenizer.pad_token_id))
-        n = sft[0].shape[0]
-        return (sums[:n], counts[:n]), (sums[n:], counts[n:])
+            return padded_token_logprobs(self.model, sft), padded_token_logprobs(self.model, pg, with_hidden=hidden)
+        return packed_token_logprobs(self.model, pack([sft, pg], self.tokenizer.pad_token_id), with_hidden=hidden).split(len(sft[0]))
+
+    def constraint_surrogate(self, pg: TokenLogprobs, costs: torch.Tensor, valid: torch.Tensor, multipliers: torch.Tensor, group_size: int) -> torch.Tensor:
+        """Σ_i λ_i · (policy-gradient estimate of C_i): leave-one-out baseline, plus V's per-token shift if enabled."""
+        costs, multipliers = costs.to(pg.logp), multipliers.to(pg.logp)
+        if self.value_head is None:
+            return policy_gradient_surrogate(pg.sums(), costs, multipliers, group_size, valid)
+        values = self.value_head(pg)
+        value_loss = self.value_head.loss(values, pg, costs, valid)
+        self.log("train/value_baseline_mse", value_loss.detach())
+        shift = self.value_head.baseline_shift(values, pg)
+        return token_level_surrogate(pg.logp, pg.sequence, shift, costs, multipliers, group_size, valid) + value_loss
 
     def packing_enabled(self, parts) -> bool:
         """``fused_forward``, once the model is seen to honour packed position ids (checked on the first batch)."""
@@ -222,7 +238,8 @@ class L3MModule(L.LightningModule):
 
     def sft_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """SFT loss of a batch on its own (see ``reduce_sft_loss``)."""
-        return self.reduce_sft_loss(*padded_sequence_logprobs(self.model, (batch["input_ids"], batch["attention_mask"], batch["labels"])))
+        scored = padded_token_logprobs(self.model, (batch["input_ids"], batch["attention_mask"], batch["labels"]))
+        return self.reduce_sft_loss(scored.sums(), scored.counts())
 
     def sample(self, batch: dict[str, Any], num_samples: int) -> Rollouts:
         hp = self.hparams
@@ -386,6 +403,8 @@ class L3MModule(L.LightningModule):
             if type(module).__name__ in block_names:
                 fully_shard(module, mesh=dp_mesh)
         fully_shard(self.model, mesh=dp_mesh)
+        if self.value_head is not None:  # so its gradients are reduced across ranks too
+            fully_shard(self.value_head, mesh=dp_mesh)
         self._fully_sharded = True
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -394,6 +413,8 @@ class L3MModule(L.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if param.dim() < 2 else decay).append(param)
+        if self.value_head is not None:
+            no_decay += list(self.value_head.parameters())
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.learning_rate,

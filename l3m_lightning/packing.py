@@ -74,24 +74,63 @@ def pack(parts: list[Batch], pad_token_id: int) -> Packed:
     return Packed(input_ids, position_ids, targets, segment, len(ids))
 
 
-def packed_sequence_logprobs(model: torch.nn.Module, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed log π of its labelled tokens ``[N]`` and how many there are ``[N]``."""
-    logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, use_cache=False).logits
-    scored = packed.targets != IGNORE_INDEX
-    # log-softmax only where a token is scored (prompts and row tails are most of the positions)
-    logp = torch.log_softmax(logits[scored].float(), dim=-1).gather(-1, packed.targets[scored].unsqueeze(-1)).squeeze(-1)
-    segment = packed.segment[scored]
-    sums = torch.zeros(packed.num_sequences, dtype=logp.dtype, device=logp.device).index_add(0, segment, logp)
-    counts = torch.zeros(packed.num_sequences, dtype=torch.long, device=logp.device).index_add(0, segment, torch.ones_like(segment))
-    return sums, counts
+@dataclass
+class TokenLogprobs:
+    """The scored tokens of N sequences, flat: log π of each, its sequence, optionally its hidden state."""
+
+    logp: torch.Tensor  # [M] log π(token | its prefix), with gradient
+    sequence: torch.Tensor  # [M] index of the sequence the token belongs to (its tokens are contiguous, in order)
+    num_sequences: int
+    hidden: torch.Tensor | None = None  # [M, H] last hidden state the token was predicted from
+
+    def sums(self) -> torch.Tensor:
+        """Per sequence, the summed log π: log π(y|x) for a response."""
+        return self.logp.new_zeros(self.num_sequences).index_add(0, self.sequence, self.logp)
+
+    def counts(self) -> torch.Tensor:
+        return torch.zeros(self.num_sequences, dtype=torch.long, device=self.logp.device).index_add(0, self.sequence, torch.ones_like(self.sequence))
+
+    def first_token(self) -> torch.Tensor:
+        """Per sequence, the flat index of its first scored token ([N]; M for a sequence with none)."""
+        index = torch.arange(len(self.sequence), device=self.sequence.device)
+        start = torch.full((self.num_sequences,), len(self.sequence), dtype=torch.long, device=index.device)
+        return start.scatter_reduce(0, self.sequence, index, reduce="amin")
+
+    def positions(self) -> torch.Tensor:
+        """[M] each token's index within its own response (0 for the first response token)."""
+        return torch.arange(len(self.sequence), device=self.sequence.device) - self.first_token()[self.sequence]
+
+    def split(self, n: int) -> tuple["TokenLogprobs", "TokenLogprobs"]:
+        """Sequences [0, n) and [n, N), renumbered from 0."""
+        head = self.sequence < n
+        parts = []
+        for keep, offset, count in ((head, 0, n), (~head, n, self.num_sequences - n)):
+            hidden = None if self.hidden is None else self.hidden[keep]
+            parts.append(TokenLogprobs(self.logp[keep], self.sequence[keep] - offset, count, hidden))
+        return parts[0], parts[1]
 
 
-def padded_sequence_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same per-sequence sums and counts from an ordinary right-padded forward pass."""
-    from l3m_lightning.sampling import token_logprobs
+def _scored(model: torch.nn.Module, targets: torch.Tensor, segment: torch.Tensor, num_sequences: int, with_hidden: bool, **inputs) -> TokenLogprobs:
+    out = model(**inputs, use_cache=False, output_hidden_states=with_hidden)
+    scored = targets != IGNORE_INDEX
+    # log-softmax only where a token is scored (prompts, padding and row tails are skipped)
+    logp = torch.log_softmax(out.logits[scored].float(), dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+    hidden = out.hidden_states[-1][scored] if with_hidden else None
+    return TokenLogprobs(logp, segment[scored], num_sequences, hidden)
 
-    logp, mask = token_logprobs(model, *batch)
-    return logp.sum(dim=1), mask.sum(dim=1)
+
+def packed_token_logprobs(model: torch.nn.Module, packed: Packed, with_hidden: bool = False) -> TokenLogprobs:
+    """One padding-free forward pass over every packed sequence."""
+    return _scored(model, packed.targets, packed.segment, packed.num_sequences, with_hidden,
+                   input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None)
+
+
+def padded_token_logprobs(model: torch.nn.Module, batch: Batch, with_hidden: bool = False) -> TokenLogprobs:
+    """The same from an ordinary right-padded batch (one sequence per row)."""
+    input_ids, attention_mask, labels = batch
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t scores token t+1
+    rows = torch.arange(len(input_ids), device=input_ids.device).unsqueeze(1).expand_as(input_ids)
+    return _scored(model, targets, rows, len(input_ids), with_hidden, input_ids=input_ids, attention_mask=attention_mask)
 
 
 @torch.no_grad()
@@ -100,8 +139,8 @@ def packing_matches_padding(model: torch.nn.Module, parts: list[Batch], pad_toke
     was_training = model.training
     model.eval()
     try:
-        packed, _ = packed_sequence_logprobs(model, pack(parts, pad_token_id))
-        padded = torch.cat([padded_sequence_logprobs(model, part)[0] for part in parts])
+        packed = packed_token_logprobs(model, pack(parts, pad_token_id)).sums()
+        padded = torch.cat([padded_token_logprobs(model, part).sums() for part in parts])
     finally:
         model.train(was_training)
     return bool(torch.allclose(packed, padded, atol=atol, rtol=1e-4))

@@ -114,12 +114,3 @@ def pack_rollouts(
         completion_ids.append(new_tokens[j, : int(first_eos[j])].tolist())
     return Rollouts(input_ids, attention_mask, labels, completion_ids, finished, prompt_index, num_samples)
 
-
-def token_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log π of ``labels`` (shifted), and the mask of tokens that count. Both ``[N, T-1]``."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask
-

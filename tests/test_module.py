@@ -160,3 +160,17 @@ def test_lora_trains_adapters_only_and_exports_a_merged_model(batch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).logits, module.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     assert not any("lora" in n for n, _ in exported.named_parameters())
+
+
+def test_value_baseline_starts_as_the_leave_one_out_estimator_and_trains_its_head(batch):
+    spec = [{"name": "length", "threshold": 2, "scale": 4}]
+    grads = {}
+    for value_baseline in (False, True):
+        module = _module(constraints=spec, num_samples=2, value_baseline=value_baseline)
+        torch.manual_seed(0)
+        module.training_step(batch, 0).backward()
+        grads[value_baseline] = [p.grad.clone() for p in module.model.parameters()]
+    for a, b in zip(grads[False], grads[True]):  # zero-initialised V: the same policy gradient
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    head_grad = module.value_head.linear.bias.grad
+    assert head_grad is not None and head_grad.abs().sum() > 0

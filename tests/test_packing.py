@@ -7,7 +7,7 @@ import torch
 
 from l3m_lightning.data import IGNORE_INDEX
 from l3m_lightning.embedded.model import build_embedded_model
-from l3m_lightning.packing import first_fit_decreasing, pack, packed_sequence_logprobs, packing_matches_padding, padded_sequence_logprobs
+from l3m_lightning.packing import first_fit_decreasing, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
 
@@ -53,15 +53,23 @@ def test_packing_uses_fewer_rows_and_restarts_positions(parts, tokenizer):
 
 def test_packed_logprobs_and_gradients_match_padded_passes(parts, tokenizer):
     model = build_embedded_model(tokenizer, TINY, seed=0)
-    sums, counts = packed_sequence_logprobs(model, pack(parts, tokenizer.pad_token_id))
+    packed = packed_token_logprobs(model, pack(parts, tokenizer.pad_token_id), with_hidden=True)
+    sums, counts = packed.sums(), packed.counts()
     (-sums.sum()).backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    padded = [padded_sequence_logprobs(model, part) for part in parts]
-    padded_sums = torch.cat([s for s, _ in padded])
+    padded = [padded_token_logprobs(model, part, with_hidden=True) for part in parts]
+    padded_sums = torch.cat([p.sums() for p in padded])
     (-padded_sums.sum()).backward()
     torch.testing.assert_close(sums, padded_sums, rtol=1e-4, atol=1e-4)
-    assert counts.tolist() == torch.cat([c for _, c in padded]).tolist()
+    assert counts.tolist() == torch.cat([p.counts() for p in padded]).tolist()
+    # token by token, in each sequence's order: positions and the hidden states they were predicted from
+    sft, samples = packed.split(len(parts[0][0]))
+    for mine, theirs in ((sft, padded[0]), (samples, padded[1])):
+        for i in range(mine.num_sequences):
+            a, b = mine.sequence == i, theirs.sequence == i
+            assert mine.positions()[a].tolist() == list(range(int(b.sum())))
+            torch.testing.assert_close(mine.hidden[a], theirs.hidden[b], rtol=1e-4, atol=1e-4)
     for a, p in zip(packed_grads, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-5)
 
@@ -81,10 +89,10 @@ class _IgnoresPositions(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 def test_the_check_catches_a_model_that_attends_across_sequences(parts, tokenizer):

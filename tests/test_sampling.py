@@ -3,7 +3,8 @@ import torch
 
 from l3m_lightning.data import IGNORE_INDEX
 from l3m_lightning.embedded.model import build_embedded_model
-from l3m_lightning.sampling import pack_rollouts, sample_rollouts, token_logprobs
+from l3m_lightning.packing import padded_token_logprobs
+from l3m_lightning.sampling import pack_rollouts, sample_rollouts
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
 
@@ -48,17 +49,19 @@ def test_pack_rollouts_cuts_at_eos_and_masks_prompt():
     assert r.labels[2].tolist()[:4] == [IGNORE_INDEX] * 3 + [eos]
 
 
-def test_token_logprobs_match_a_manual_forward(model):
+def test_padded_token_logprobs_match_a_manual_forward(model):
     ids = torch.tensor([[3, 10, 11, 12, 1], [3, 10, 1, 0, 0]])
     mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
     labels[:, :2] = IGNORE_INDEX
-    logp, used = token_logprobs(model, ids, mask, labels)
+    scored = padded_token_logprobs(model, (ids, mask, labels), with_hidden=True)
     with torch.no_grad():
-        full = torch.log_softmax(model(input_ids=ids[:1]).logits[0], dim=-1)
+        out = model(input_ids=ids[:1], output_hidden_states=True)
+    full = torch.log_softmax(out.logits[0], dim=-1)
     expected = sum(full[t - 1, ids[0, t]] for t in range(2, 5))
-    assert used.sum(dim=1).tolist() == [3, 1]
-    assert logp[0].sum().item() == pytest.approx(expected.item(), abs=1e-5)
+    assert scored.counts().tolist() == [3, 1] and scored.positions().tolist() == [0, 1, 2, 0]
+    assert scored.sums()[0].item() == pytest.approx(expected.item(), abs=1e-5)
+    torch.testing.assert_close(scored.hidden[:3], out.hidden_states[-1][0, 1:4])  # the states tokens 2..4 were predicted from
 
 
 @pytest.mark.parametrize("num_samples,max_rows", [(1, 1), (1, 3), (1, 100)])  # greedy allows K = 1 only
