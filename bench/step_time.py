@@ -9,7 +9,7 @@ For each model config (``embedded``: the embedded default; ``50m``: a ~50M-param
 
 * the phases of ``L3MModule.training_step`` run one by one: SFT forward/backward, sampling
   (``L3MModule.sample``: transformers ``generate``, KV cache), scoring (decode + constraints),
-  policy-gradient forward/backward (``token_logprobs`` + surrogate), optimiser (AdamW step);
+  policy-gradient forward/backward (``padded_token_logprobs`` + surrogate), optimiser (AdamW step);
 * the real thing end to end: ``training_step`` + one backward + optimiser step ("L3M step"),
   and an SFT step (SFT forward/backward + optimiser);
 * a bare KV-cached sampling loop (prefill, then one token per step for every row, no stopping, no
@@ -117,7 +117,7 @@ def run_one(name: str, args) -> dict:
     from l3m_lightning.data import ChatDataModule
     from l3m_lightning.module import L3MModule
     from l3m_lightning.estimator import policy_gradient_surrogate
-    from l3m_lightning.packing import padded_sequence_logprobs
+    from l3m_lightning.packing import padded_token_logprobs
     from l3m_lightning.sampling import pack_rollouts
 
     device = torch.device(args.device)
@@ -163,7 +163,7 @@ def run_one(name: str, args) -> dict:
             estimates = module.all_reduced_means(costs, valid)
             multipliers = module.multiplier_rule(estimates, module.mu_schedule.mu)
         with timer("pg_fwd_bwd"):
-            logp, _ = padded_sequence_logprobs(module.model, (rollouts.input_ids, rollouts.attention_mask, rollouts.labels))
+            logp = padded_token_logprobs(module.model, (rollouts.input_ids, rollouts.attention_mask, rollouts.labels)).sums()
             surrogate = policy_gradient_surrogate(logp, costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
             surrogate.backward()
         with timer("optimizer"):
@@ -178,9 +178,9 @@ def run_one(name: str, args) -> dict:
         """SFT + policy-gradient forward/backward only, one packed pass (fused) or two padded ones."""
         module.hparams.fused_forward = fused
         with timer(name):
-            (sft_logp, sft_tokens), (pg_logp, _) = module.policy_logprobs(batch, rollouts)
-            loss = module.reduce_sft_loss(sft_logp, sft_tokens)[0]
-            loss = loss + policy_gradient_surrogate(pg_logp, costs.to(pg_logp), multipliers.to(pg_logp), rollouts.group_size, valid)
+            sft, pg = module.policy_logprobs(batch, rollouts)
+            loss = module.reduce_sft_loss(sft.sums(), sft.counts())[0]
+            loss = loss + module.constraint_surrogate(pg, costs, valid, multipliers, rollouts.group_size)
             loss.backward()
         optimizer.zero_grad(set_to_none=True)
 
