@@ -62,6 +62,8 @@ class L3MModule(L.LightningModule):
         value_baseline: add a learned per-token baseline V_i(x, y_<t) − V_i(x) to the leave-one-out one
             (value_baseline.py): still unbiased, and the content tokens of a long response stop
             carrying the advantage its first tokens earned. Our option (method.md leaves the baseline open).
+        value_head_lr: the value head's AdamW learning rate, apart from the policy's: a linear read-out
+            must keep up with the policy's changing features even when the policy's rate is tiny (1e-6).
         method: ``barrier`` (L3M), ``lagrangian`` (the paper's MM baseline: λ ← max(0, λ + dual_lr·Ĉ),
             from ``dual_init``) or ``penalty`` (fixed ``penalty_weights``); see multipliers.py.
         infeasibility_patience: warn once when a constraint stays this many steps in the barrier's
@@ -102,6 +104,7 @@ class L3MModule(L.LightningModule):
         mu_decay_every: int = 10,
         constraint_ema: float = 0.0,
         value_baseline: bool = False,
+        value_head_lr: float = 1e-2,
         method: str = "barrier",
         dual_lr: float = 0.1,
         dual_init: float | list[float] = 0.0,
@@ -209,7 +212,8 @@ class L3MModule(L.LightningModule):
             return policy_gradient_surrogate(pg.sums(), costs, multipliers, group_size, valid)
         values = self.value_head(pg)
         value_loss = self.value_head.loss(values, pg, costs, valid)
-        self.log("train/value_baseline_mse", value_loss.detach())
+        self.log_dict({"train/value_baseline_mse": value_loss.detach(),
+                       "train/value_baseline_explained": self.value_head.explained_variance(value_loss, pg, costs, valid)})
         shift = self.value_head.baseline_shift(values, pg)
         return token_level_surrogate(pg.logp, pg.sequence, shift, costs, multipliers, group_size, valid) + value_loss
 
@@ -413,13 +417,10 @@ class L3MModule(L.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (no_decay if param.dim() < 2 else decay).append(param)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.value_head is not None:
-            no_decay += list(self.value_head.parameters())
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.learning_rate,
-            betas=tuple(hp.betas),
-        )
+            groups.append({"params": list(self.value_head.parameters()), "weight_decay": 0.0, "lr": hp.value_head_lr})
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=math.ceil(hp.warmup_ratio * total), min_lr_ratio=hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -48,3 +48,12 @@ class TokenValueHead(torch.nn.Module):
         target = costs.detach().to(values.dtype)[:, tokens.sequence]
         used = valid[:, tokens.sequence].to(values.dtype)
         return ((values - target) ** 2 * used).sum() / used.sum().clamp(min=1)
+
+    @staticmethod
+    def explained_variance(mse: torch.Tensor, tokens: TokenLogprobs, costs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """1 − MSE / Var(cost) over the same tokens: 0 = no better than a constant, 1 = perfect (a log metric)."""
+        target = costs.detach().to(mse.dtype)[:, tokens.sequence]
+        used = valid[:, tokens.sequence].to(mse.dtype)
+        mean = (target * used).sum() / used.sum().clamp(min=1)
+        variance = ((target - mean) ** 2 * used).sum() / used.sum().clamp(min=1)
+        return (1 - mse.detach() / variance.clamp(min=1e-12)).float()

@@ -174,3 +174,15 @@ def test_value_baseline_starts_as_the_leave_one_out_estimator_and_trains_its_hea
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     head_grad = module.value_head.linear.bias.grad
     assert head_grad is not None and head_grad.abs().sum() > 0
+
+
+def test_the_value_head_has_its_own_learning_rate():
+    from types import SimpleNamespace
+
+    module = _module(constraints=[{"name": "length", "threshold": 2, "scale": 4}], value_baseline=True, value_head_lr=0.05, learning_rate=1e-6)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    head = {id(p) for p in module.value_head.parameters()}
+    groups = [g for g in optimizer.param_groups if any(id(p) in head for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["initial_lr"] == 0.05 and all(id(p) in head for p in groups[0]["params"])
+    assert all(g["initial_lr"] == 1e-6 for g in optimizer.param_groups if g is not groups[0])
