@@ -74,6 +74,8 @@ def cli_args(spec: dict[str, Any], runs: Path) -> list[str]:
         "--model.export_dir", "",
         "--model.constraints", json.dumps([constraint]),
         "--model.method", spec["method"],
+        # the recorded comparison and sweep tables were measured before the value baseline existed
+        "--model.value_baseline", "false", "--model.eval_num_samples", "1",
     ]
     if spec["method"] == "lagrangian":
         args += ["--model.dual_lr", str(spec["dual_lr"])]

@@ -79,7 +79,9 @@ class L3MModule(L.LightningModule):
             (packing.py); checked once against two padded passes, which it falls back to for a model
             that ignores packed position ids. bench/step_time.py times both.
         log_samples_every_n_steps: how often sampled prompt/response pairs go to TensorBoard as text.
-        val_generate: sample one response per held-out prompt in validation/test and log constraint values.
+        val_generate: sample responses to held-out prompts in validation/test and log constraint values.
+        eval_num_samples: responses sampled per held-out prompt; each prompt's values are averaged, so the
+            reported confidence intervals are over prompts.
         init_seed: seed of the embedded model's random init.
         export_dir: where the final policy and tokenizer are written with ``save_pretrained``
             (default: ``<log dir>/hf_model``); ``""`` disables export.
@@ -122,6 +124,7 @@ class L3MModule(L.LightningModule):
         merge_lora_on_export: bool = True,
         log_samples_every_n_steps: int = 50,
         val_generate: bool = True,
+        eval_num_samples: int = 1,
         export_dir: str | None = None,
         init_seed: int = 0,
     ) -> None:
@@ -130,6 +133,8 @@ class L3MModule(L.LightningModule):
             raise ValueError(f"model.num_samples must be >= 1, got {num_samples}")
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if eval_num_samples < 1:
+            raise ValueError(f"model.eval_num_samples must be >= 1, got {eval_num_samples}")
         if generation_batch_size is not None and generation_batch_size < 1:
             raise ValueError(f"model.generation_batch_size must be >= 1 sequences (or null for all), got {generation_batch_size}")
         if sft_loss_reduction not in ("token", "sequence"):
@@ -327,14 +332,19 @@ class L3MModule(L.LightningModule):
         self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
         if not self.hparams.val_generate:
             return
-        rollouts = self.sample(batch, num_samples=1)
-        self.eval_values["length"].update(torch.tensor([float(len(ids)) for ids in rollouts.completion_ids], device=self.device))
+        k = self.hparams.eval_num_samples
+        rollouts = self.sample(batch, num_samples=k)
+        lengths = torch.tensor([float(len(ids)) for ids in rollouts.completion_ids], device=self.device)
+        self.eval_values["length"].update(lengths.view(-1, k).mean(dim=1))
         if self.constraints:
             rewards, costs, valid = self.score(batch, rollouts)
             for i, c in enumerate(self.constraints):
-                if valid[i].any():
-                    self.eval_values[f"{c.name}__cost"].update(costs[i][valid[i]].float())
-                    self.eval_values[f"{c.name}__reward"].update(rewards[i][valid[i]].float())
+                # one value per prompt (the mean of its valid samples): the confidence intervals are over prompts
+                counts = valid[i].view(-1, k).sum(dim=1)
+                if counts.any():
+                    for key, values in ((f"{c.name}__cost", costs[i]), (f"{c.name}__reward", rewards[i])):
+                        per_prompt = torch.where(valid[i], values, 0.0).view(-1, k).sum(dim=1) / counts.clamp(min=1)
+                        self.eval_values[key].update(per_prompt[counts > 0].float())
 
     def _eval_epoch_end(self, prefix: str) -> None:
         """Log held-out ppl and per-constraint mean ± 95% CI; stand-alone validate/test also write report.json/.md."""

@@ -186,3 +186,18 @@ def test_the_value_head_has_its_own_learning_rate():
     groups = [g for g in optimizer.param_groups if any(id(p) in head for p in g["params"])]
     assert len(groups) == 1 and groups[0]["initial_lr"] == 0.05 and all(id(p) in head for p in groups[0]["params"])
     assert all(g["initial_lr"] == 1e-6 for g in optimizer.param_groups if g is not groups[0])
+
+
+def test_held_out_values_are_averaged_per_prompt_over_eval_num_samples(batch):
+    from l3m_lightning.sampling import pack_rollouts
+
+    module = _module(constraints=[{"name": "length", "threshold": 2, "scale": 4}], eval_num_samples=2)
+    eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
+    new = torch.tensor([[7, eos, pad, pad], [7, 8, 9, eos], [7, 8, eos, pad], [7, 8, 9, 9]])  # lengths 1, 3 | 2, 4
+    rollouts = pack_rollouts(batch["prompt_input_ids"], batch["prompt_attention_mask"], new, 2, eos, pad)
+    with mock.patch.object(module, "sample", return_value=rollouts) as sample:
+        module._eval_step(batch)
+    assert sample.call_args.kwargs["num_samples"] == 2
+    assert module.eval_values["length"].compute().tolist() == [2.0, 3.0]
+    assert module.eval_values["length__reward"].compute().tolist() == [2.0, 3.0]
+    torch.testing.assert_close(module.eval_values["length__cost"].compute(), torch.tensor([0.0, 0.25]))
