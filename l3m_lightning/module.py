@@ -64,6 +64,7 @@ class L3MModule(L.LightningModule):
             carrying the advantage its first tokens earned. Our option (method.md leaves the baseline open).
         value_head_lr: the value head's AdamW learning rate, apart from the policy's: a linear read-out
             must keep up with the policy's changing features even when the policy's rate is tiny (1e-6).
+        value_head_width: 0 = a linear head; otherwise one hidden layer (GELU) of this width.
         method: ``barrier`` (L3M), ``lagrangian`` (the paper's MM baseline: λ ← max(0, λ + dual_lr·Ĉ),
             from ``dual_init``) or ``penalty`` (fixed ``penalty_weights``); see multipliers.py.
         infeasibility_patience: warn once when a constraint stays this many steps in the barrier's
@@ -107,6 +108,7 @@ class L3MModule(L.LightningModule):
         constraint_ema: float = 0.0,
         value_baseline: bool = False,
         value_head_lr: float = 1e-2,
+        value_head_width: int = 0,
         method: str = "barrier",
         dual_lr: float = 0.1,
         dual_init: float | list[float] = 0.0,
@@ -154,7 +156,7 @@ class L3MModule(L.LightningModule):
         if lora is not None:
             self.model = apply_lora(self.model, lora)
         # optional learned per-token baseline (value_baseline.py); its parameters train alongside
-        self.value_head = (TokenValueHead(self.model.config.hidden_size, len(self.constraints), max_new_tokens)
+        self.value_head = (TokenValueHead(self.model.config.hidden_size, len(self.constraints), max_new_tokens, value_head_width)
                            if value_baseline and self.constraints else None)
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.loaded_global_step = 0

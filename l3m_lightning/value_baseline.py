@@ -23,18 +23,21 @@ from l3m_lightning.packing import TokenLogprobs
 
 
 class TokenValueHead(torch.nn.Module):
-    def __init__(self, hidden_size: int, num_constraints: int, max_new_tokens: int) -> None:
+    """``width = 0``: linear in the features; otherwise one hidden layer of that width."""
+
+    def __init__(self, hidden_size: int, num_constraints: int, max_new_tokens: int, width: int = 0) -> None:
         super().__init__()
         self.max_new_tokens = max_new_tokens
-        self.linear = torch.nn.Linear(hidden_size + 1, num_constraints)
-        torch.nn.init.zeros_(self.linear.weight)
+        self.body = torch.nn.Sequential(torch.nn.Linear(hidden_size + 1, width), torch.nn.GELU()) if width else torch.nn.Identity()
+        self.linear = torch.nn.Linear(width or hidden_size + 1, num_constraints)
+        torch.nn.init.zeros_(self.linear.weight)  # V = 0 at the start: exactly the leave-one-out estimator
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, tokens: TokenLogprobs) -> torch.Tensor:
         """V for every scored token ``[k, M]``: the state it was sampled from and its position."""
         position = tokens.positions().to(self.linear.weight.dtype) / self.max_new_tokens
         features = torch.cat([tokens.hidden.detach().to(self.linear.weight.dtype), position.unsqueeze(1)], dim=1)
-        return self.linear(features).T
+        return self.linear(self.body(features)).T
 
     @staticmethod
     def baseline_shift(values: torch.Tensor, tokens: TokenLogprobs) -> torch.Tensor:
@@ -51,9 +54,10 @@ class TokenValueHead(torch.nn.Module):
 
     @staticmethod
     def explained_variance(mse: torch.Tensor, tokens: TokenLogprobs, costs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """1 − MSE / Var(cost) over the same tokens: 0 = no better than a constant, 1 = perfect (a log metric)."""
+        """1 − MSE / Var(cost) over the same tokens, clipped to [−1, 1]: 0 = no better than a constant, 1 = perfect."""
         target = costs.detach().to(mse.dtype)[:, tokens.sequence]
         used = valid[:, tokens.sequence].to(mse.dtype)
         mean = (target * used).sum() / used.sum().clamp(min=1)
         variance = ((target - mean) ** 2 * used).sum() / used.sum().clamp(min=1)
-        return (1 - mse.detach() / variance.clamp(min=1e-12)).float()
+        # clipped: when the sampled costs hardly vary (e.g. every sample hit max_new_tokens) the ratio explodes
+        return (1 - mse.detach() / variance.clamp(min=1e-12)).clamp(-1.0, 1.0).float()

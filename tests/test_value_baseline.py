@@ -113,12 +113,13 @@ def test_zero_shift_equals_the_response_level_surrogate_with_dropped_samples():
     torch.testing.assert_close(*[torch.autograd.grad(x, logp, retain_graph=True)[0] for x in (token, response)])
 
 
-def test_value_head_starts_at_zero_shift_and_fits_the_costs():
+@pytest.mark.parametrize("width", [0, 32])
+def test_value_head_starts_at_zero_shift_and_fits_the_costs(width):
     torch.manual_seed(0)
     sequence = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     hidden = torch.randn(9, 16)  # more features than tokens: an exact fit exists
     tokens = TokenLogprobs(torch.zeros(9), sequence, 3, hidden)
-    head = TokenValueHead(hidden_size=16, num_constraints=1, max_new_tokens=8)
+    head = TokenValueHead(hidden_size=16, num_constraints=1, max_new_tokens=8, width=width)
     costs, valid = torch.tensor([[1.0, -2.0, 0.5]]), torch.ones(1, 3, dtype=torch.bool)
     values = head(tokens)
     assert values.shape == (1, 9) and torch.equal(head.baseline_shift(values, tokens), torch.zeros(1, 9))
@@ -131,3 +132,11 @@ def test_value_head_starts_at_zero_shift_and_fits_the_costs():
     assert head.loss(head(tokens), tokens, costs, valid).item() < 0.01 * start
     shift = head.baseline_shift(head(tokens), tokens)
     assert shift[0, [0, 3, 5]].abs().max() == 0  # a response's first token keeps the leave-one-out baseline
+
+
+def test_explained_variance_is_clipped_when_the_costs_do_not_vary():
+    tokens = TokenLogprobs(torch.zeros(4), torch.tensor([0, 0, 1, 1]), 2, torch.zeros(4, 3))
+    costs, valid = torch.full((1, 2), 5.4), torch.ones(1, 2, dtype=torch.bool)  # every sample cut at max_new_tokens
+    assert TokenValueHead.explained_variance(torch.tensor(29.16), tokens, costs, valid).item() == -1.0
+    varied = torch.tensor([[1.0, 3.0]])  # variance 1 over the tokens
+    assert TokenValueHead.explained_variance(torch.tensor(0.25), tokens, varied, valid).item() == pytest.approx(0.75)
