@@ -3,10 +3,11 @@
 The training step (method.md §5), top to bottom in ``training_step``:
 
 1. Sample K responses per prompt (no grad, KV cache, stop at EOS); score every constraint.
-2. Forward passes over the reference and the sampled sequences (one fused pass, or two): SFT NLL
-   of the references (prompt tokens masked) and log π(y|x) of the samples.
+2. Forward passes over the reference and the sampled sequences (one packed pass, or two padded):
+   SFT NLL of the references (prompt tokens masked) and log π of every sampled token.
 3. Ĉ_i = mean of c_ij (all-reduced across ranks); λ_i = B'_μ(Ĉ_i)/k (or a baseline's λ).
-4. loss = L_sft + Σ_i sg(λ_i) · mean_j[sg(c_ij − β_ij) · log π(y_j|x_j)], β = leave-one-out.
+4. loss = L_sft + Σ_i sg(λ_i) · mean_j[sg(c_ij − β_ij) · log π(y_j|x_j)], β = leave-one-out
+   (``constraint_surrogate``; with ``value_baseline`` each token's β also gets V(x, y_<t) − V(x)).
 5. One optimiser step (Lightning); μ decays on schedule after it.
 
 With no constraints it is plain SFT.
