@@ -34,8 +34,8 @@ from l3m_lightning.diagnostics import FeasibilityMonitor
 from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, policy_gradient_surrogate, token_level_surrogate
 from l3m_lightning.multipliers import MultiplierRule
 from l3m_lightning.outputs import resolve_export_dir, save_pretrained_atomically
-from l3m_lightning.policy import EMBEDDED, apply_lora, load_policy, load_tokenizer
 from l3m_lightning.packing import TokenLogprobs, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs
+from l3m_lightning.policy import EMBEDDED, apply_lora, load_policy, load_tokenizer
 from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
 from l3m_lightning.sampling import Rollouts, sample_rollouts
 from l3m_lightning.schedules import warmup_cosine
