@@ -70,10 +70,11 @@ def fsdp2_run(tmp_path_factory):
     """4 steps under FSDP2 (checkpoints at 2 and 4, validation at 4), then `--ckpt_path last` to step 6."""
     tmp_path = tmp_path_factory.mktemp("fsdp2")
     _fit(tmp_path, FSDP2, "--trainer.max_steps", "4", "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump"),
-         "--model.generation_batch_size", "3")  # 8 rows per rank, decoded 2 at a time
+         "--model.generation_batch_size", "3",  # 8 rows per rank, decoded 2 at a time
+         "--model.value_baseline", "true")  # its head is sharded too, and resumes
     meta_first = torch.load(tmp_path / "runs" / "ckpt" / "last.ckpt" / "meta.pt", weights_only=False)
     weights_first = _checkpoint_weights(tmp_path / "runs" / "ckpt" / "last.ckpt", tmp_path / "full_first.pt")
-    _fit(tmp_path, FSDP2, "--trainer.max_steps", "6", "--ckpt_path", "last",
+    _fit(tmp_path, FSDP2, "--trainer.max_steps", "6", "--ckpt_path", "last", "--model.value_baseline", "true",
          "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump_resumed"))
     meta_second = torch.load(tmp_path / "runs" / "ckpt" / "last.ckpt" / "meta.pt", weights_only=False)
     return tmp_path, meta_first, weights_first, meta_second
@@ -155,3 +156,9 @@ def test_fsdp2_export_gathers_the_full_model(fsdp2_run):
     # the export of the first run is its final (step 4) weights, i.e. what its last checkpoint holds
     for key, value in weights_first.items():
         torch.testing.assert_close(exported[key], value.to(exported[key].dtype), msg=lambda m: f"{key}: {m}")
+
+
+def test_fsdp2_checkpoint_holds_the_trained_value_head(fsdp2_run):
+    state = torch.load(fsdp2_run[0] / "full_first.pt", weights_only=False)["state_dict"]
+    weight = state["value_head.linear.weight"]
+    assert weight.shape == (2, 33) and weight.abs().sum() > 0  # 2 constraints; hidden 32 + position; moved off its zero init
