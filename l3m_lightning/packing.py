@@ -1,4 +1,4 @@
-"""Padding-free forward passes: pack variable-length sequences into a few rows, no pad tokens.
+"""Padding-free forward passes: pack variable-length sequences into a few rows (only row tails pad).
 
 A training step scores two sets of sequences with the same model: the reference responses (SFT)
 and the sampled ones (policy gradient). Padded to one width they waste most of the compute when
