@@ -26,7 +26,7 @@ import lightning as L  # noqa: E402
 
 from l3m_lightning.reward.data import PreferenceDataModule  # noqa: E402
 from l3m_lightning.reward.module import RewardModelModule  # noqa: E402
-from l3m_lightning.reward_cli import RewardModelCLI  # noqa: E402
+from l3m_lightning.cli import TokenizerLinkedCLI  # noqa: E402
 
 
 class RateLogger(L.Callback):
@@ -54,7 +54,7 @@ class RateLogger(L.Callback):
 def run(extra: list[str]) -> dict:
     os.chdir(ROOT)
     start = time.time()
-    cli = RewardModelCLI(
+    cli = TokenizerLinkedCLI(
         RewardModelModule,
         PreferenceDataModule,
         seed_everything_default=0,

@@ -19,9 +19,11 @@ def _tokenizer_for_data(model_name_or_path: str, tokenizer_name_or_path: str | N
     return tokenizer_name_or_path or model_name_or_path
 
 
-class L3MCLI(LightningCLI):
+class TokenizerLinkedCLI(LightningCLI):
+    """A LightningCLI whose ``data.tokenizer`` is the model's (policy or reward model) tokenizer."""
+
     def add_arguments_to_parser(self, parser) -> None:
-        # The data is tokenised with the policy's tokenizer: one setting, not two to keep in sync.
+        # The data is tokenised with the model's tokenizer: one setting, not two to keep in sync.
         parser.link_arguments(
             ("model.model_name_or_path", "model.tokenizer_name_or_path"),
             "data.tokenizer",
@@ -40,7 +42,7 @@ def main(args: list[str] | None = None):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
             return reward_model_main(argv[1:])
-    return L3MCLI(
+    return TokenizerLinkedCLI(
         L3MModule,
         ChatDataModule,
         seed_everything_default=0,

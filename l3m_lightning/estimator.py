@@ -65,14 +65,10 @@ def policy_gradient_surrogate(
     """
     if costs.dim() != 2 or costs.shape[1] != sequence_logprobs.shape[0]:
         raise ValueError(f"costs must be [num_constraints, {sequence_logprobs.shape[0]}], got {tuple(costs.shape)}")
-    valid = torch.ones_like(costs, dtype=torch.bool) if valid is None else valid.bool()
-    total = sequence_logprobs.new_zeros(())
-    for i in range(costs.shape[0]):
-        c = costs[i].detach().to(sequence_logprobs.dtype)
-        advantage = (c - leave_one_out_baseline(c, group_size, valid[i])).detach()
-        advantage = torch.where(valid[i], advantage, torch.zeros_like(advantage))
-        total = total + multipliers[i].detach().to(sequence_logprobs.dtype) * masked_mean(advantage * sequence_logprobs, valid[i])
-    return total
+    # a response is one "token" carrying its whole log-prob, with no per-token shift
+    n = sequence_logprobs.shape[0]
+    return token_level_surrogate(sequence_logprobs, torch.arange(n, device=sequence_logprobs.device),
+                                 sequence_logprobs.new_zeros(costs.shape[0], n), costs, multipliers, group_size, valid)
 
 
 def token_level_surrogate(

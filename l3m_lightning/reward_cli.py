@@ -11,29 +11,14 @@ from __future__ import annotations
 
 import os
 
-from lightning.pytorch.cli import LightningCLI
-
+from l3m_lightning.cli import TokenizerLinkedCLI
 from l3m_lightning.reward.data import PreferenceDataModule
 from l3m_lightning.reward.module import RewardModelModule
 
 
-def _tokenizer_for_data(model_name_or_path: str, tokenizer_name_or_path: str | None) -> str:
-    return tokenizer_name_or_path or model_name_or_path
-
-
-class RewardModelCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        # The pairs are tokenised with the RM's tokenizer: one setting, not two to keep in sync.
-        parser.link_arguments(
-            ("model.model_name_or_path", "model.tokenizer_name_or_path"),
-            "data.tokenizer",
-            compute_fn=_tokenizer_for_data,
-        )
-
-
-def main(args: list[str] | None = None) -> RewardModelCLI:
+def main(args: list[str] | None = None) -> TokenizerLinkedCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return RewardModelCLI(
+    return TokenizerLinkedCLI(
         RewardModelModule,
         PreferenceDataModule,
         seed_everything_default=0,
