@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# GPU check: a short L3M fit with Lightning's FSDPStrategy (FSDP1, LlamaDecoderLayer auto-wrap),
-# bf16-mixed and a ~122M-parameter embedded Llama (hidden 768, 12 layers, MLP 3328, vocab 2048),
-# then prints tokens/s and model FLOPs utilisation (bench/gpu_throughput.py), and checks that the
-# exported hf_model (full state dict gathered from the shards) loads with AutoModelForCausalLM.
+# GPU check, three phases on the embedded default scaled to a ~122M-parameter Llama (hidden 768,
+# 12 layers, MLP 3328, vocab 2048), bf16-mixed:
+#   throughput  a short L3M fit with Lightning's FSDPStrategy (FSDP1, LlamaDecoderLayer auto-wrap);
+#               prints tokens/s and model FLOPs utilisation (bench/gpu_throughput.py) and checks that
+#               the exported hf_model (full state dict gathered from the shards) loads.
+#   resume      FSDP1 with sharded checkpoints and the value baseline: fit 12 steps, resume from
+#               `last` to 18, and check from TensorBoard that the resumed steps continue the step count
+#               and the μ schedule (μ = 0.8^floor(step/4), which a reset would restart at 1).
+#   fsdp2       ModelParallelStrategy + fully_shard (FSDP2) with sharded generation (micro-batched).
+# Each phase's verdict is printed as `PHASE <name>: PASS|FAIL` at the end.
 #
-# STATUS: this script has NOT been run on a GPU. It was only exercised on CPU with
-#   ACCELERATOR=cpu STRATEGY=ddp DEVICES=2 PRECISION=32-true MODEL_CONFIG=<tiny> bench/gpu_check.sh
-# (FSDPStrategy refuses CPU), which checks the command line and the throughput callback, not FSDP1.
-#
-#   bash bench/gpu_check.sh                       # all visible GPUs
-#   DEVICES=1 STEPS=20 bash bench/gpu_check.sh    # overrides: DEVICES STEPS BATCH NUM_SAMPLES
-#                                                 #   MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR STRATEGY PRECISION MODEL_CONFIG
-set -euo pipefail
+#   bash bench/gpu_check.sh                       # all visible GPUs, all phases
+#   DEVICES=1 PHASES=throughput bash bench/gpu_check.sh
+#   overrides: DEVICES STEPS BATCH NUM_SAMPLES MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR PRECISION MODEL_CONFIG PHASES
+#              STRATEGY RESUME_STRATEGY FIT_TIMEOUT
+# Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
+# Tried once (2026-11-27, one H200, torch 2.11 image): nothing had started training after 420 s —
+# no output came back and no TensorBoard folder was written; the cause was not found.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -23,23 +29,35 @@ BATCH=${BATCH:-16}
 NUM_SAMPLES=${NUM_SAMPLES:-4}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
 PRECISION=${PRECISION:-bf16-mixed}
+PHASES=${PHASES:-"throughput resume fsdp2"}
+FIT_TIMEOUT=${FIT_TIMEOUT:-300}
 MODEL_CONFIG=${MODEL_CONFIG:-"{hidden_size: 768, intermediate_size: 3328, num_hidden_layers: 12, num_attention_heads: 12, num_key_value_heads: 12}"}
-STRATEGY=${STRATEGY:-"{class_path: lightning.pytorch.strategies.FSDPStrategy, init_args: {auto_wrap_policy: [transformers.models.llama.modeling_llama.LlamaDecoderLayer], state_dict_type: sharded}}"}
+FSDP1="{class_path: lightning.pytorch.strategies.FSDPStrategy, init_args: {auto_wrap_policy: [transformers.models.llama.modeling_llama.LlamaDecoderLayer], state_dict_type: sharded}}"
+FSDP2="{class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: {tensor_parallel_size: 1}}"
+STRATEGY=${STRATEGY:-$FSDP1}
+RESUME_STRATEGY=${RESUME_STRATEGY:-$FSDP1}   # CPU dry run: RESUME_STRATEGY=auto (FSDP1 refuses CPU)
 PEAK=${PEAK_TFLOPS:+"peak_tflops: $PEAK_TFLOPS,"}
 rm -rf "$OUT"
+mkdir -p "$OUT"
+declare -A VERDICT
 
-python cli.py fit --config configs/quickstart.yaml \
-  --trainer.accelerator "$ACCELERATOR" --trainer.devices "$DEVICES" --trainer.strategy "$STRATEGY" \
-  --trainer.precision "$PRECISION" --trainer.max_steps "$STEPS" \
-  --trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0 --trainer.enable_progress_bar false \
-  --trainer.enable_checkpointing false --trainer.log_every_n_steps 1 \
-  --trainer.logger.init_args.save_dir "$OUT" \
-  --trainer.callbacks "[{class_path: bench.gpu_throughput.ThroughputReport, init_args: {warmup_steps: 5, $PEAK out: $OUT/throughput.json}}]" \
-  --model.model_config "$MODEL_CONFIG" --model.num_samples "$NUM_SAMPLES" --model.max_new_tokens "$MAX_NEW_TOKENS" \
-  --model.learning_rate 3.0e-4 --model.log_samples_every_n_steps 0 --model.export_dir "$OUT/hf_model" \
-  --data.batch_size "$BATCH"
+fit() {  # common flags for every phase; extra flags follow. A run that hangs is killed after FIT_TIMEOUT s.
+  echo "[$(date +%T)] fit $*" | cut -c1-200
+  timeout "$FIT_TIMEOUT" python cli.py fit --config configs/quickstart.yaml \
+    --trainer.accelerator "$ACCELERATOR" --trainer.devices "$DEVICES" --trainer.precision "$PRECISION" \
+    --trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0 --trainer.enable_progress_bar false \
+    --trainer.log_every_n_steps 1 \
+    --model.model_config "$MODEL_CONFIG" --model.num_samples "$NUM_SAMPLES" --model.max_new_tokens "$MAX_NEW_TOKENS" \
+    --model.learning_rate 3.0e-4 --model.log_samples_every_n_steps 0 --data.batch_size "$BATCH" "$@"
+}
 
-python - "$OUT" <<'PY'
+if [[ " $PHASES " == *" throughput "* ]]; then
+  echo "=== phase throughput ==="
+  fit --trainer.strategy "$STRATEGY" --trainer.max_steps "$STEPS" --trainer.enable_checkpointing false \
+    --trainer.logger.init_args.save_dir "$OUT" \
+    --trainer.callbacks "[{class_path: bench.gpu_throughput.ThroughputReport, init_args: {warmup_steps: 5, $PEAK out: $OUT/throughput.json}}]" \
+    --model.export_dir "$OUT/hf_model" \
+  && python - "$OUT" <<'PY'
 import json, sys
 from transformers import AutoModelForCausalLM
 out = sys.argv[1]
@@ -49,3 +67,51 @@ print(f"exported hf_model loads: {n / 1e6:.1f}M parameters, hidden {model.config
 report = json.load(open(f"{out}/throughput.json"))
 print(f"tokens/s (trained): {report['tokens_per_s_trained']:.0f}   tokens/s (sampled): {report['tokens_per_s_sampled']:.0f}   MFU: {report['mfu']}")
 PY
+  [[ $? == 0 ]] && VERDICT[throughput]=PASS || VERDICT[throughput]=FAIL
+fi
+
+if [[ " $PHASES " == *" resume "* ]]; then
+  echo "=== phase resume ==="
+  RES="$OUT/resume"
+  CKPT="[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: $RES/checkpoints, save_last: true, every_n_train_steps: 6}}]"
+  resume_fit() {
+    fit --trainer.strategy "$RESUME_STRATEGY" --trainer.callbacks "$CKPT" --trainer.logger.init_args.save_dir "$RES" \
+      --model.value_baseline true --model.mu_decay 0.8 --model.mu_decay_every 4 --model.mu_floor 0.01 "$@"
+  }
+  resume_fit --trainer.max_steps 12 \
+  && resume_fit --trainer.max_steps 18 --ckpt_path last \
+  && python - "$RES" <<'PY'
+import glob, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+runs = sorted(glob.glob(f"{sys.argv[1]}/quickstart/version_*"))
+assert len(runs) == 2, runs
+mu = {}
+for run in runs:
+    acc = EventAccumulator(run); acc.Reload()
+    mu[run] = {e.step: e.value for e in acc.Scalars("barrier/mu")}
+first, resumed = mu[runs[0]], mu[runs[1]]
+print("first run steps", min(first), "..", max(first), " resumed run steps", min(resumed), "..", max(resumed))
+assert max(first) <= 12 and min(resumed) >= 12 and max(resumed) >= 17, (sorted(first), sorted(resumed))
+for step, value in sorted(resumed.items()):
+    expected = 0.8 ** (step // 4)
+    assert abs(value - expected) < 1e-4 * expected + 1e-6, (step, value, expected)
+print("resumed mu", {s: round(v, 4) for s, v in sorted(resumed.items())}, "matches 0.8^floor(step/4)")
+PY
+  [[ $? == 0 ]] && VERDICT[resume]=PASS || VERDICT[resume]=FAIL
+fi
+
+if [[ " $PHASES " == *" fsdp2 "* ]]; then
+  echo "=== phase fsdp2 ==="
+  fit --trainer.strategy "$FSDP2" --trainer.max_steps 10 --trainer.enable_checkpointing false --trainer.callbacks "[]" \
+    --trainer.logger.init_args.save_dir "$OUT/fsdp2" --model.value_baseline true --model.generation_batch_size 8 \
+    --model.export_dir "$OUT/fsdp2/hf_model" \
+  && python -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('$OUT/fsdp2/hf_model'); print('fsdp2 export loads', sum(p.numel() for p in m.parameters()))"
+  [[ $? == 0 ]] && VERDICT[fsdp2]=PASS || VERDICT[fsdp2]=FAIL
+fi
+
+status=0
+for phase in $PHASES; do
+  echo "PHASE $phase: ${VERDICT[$phase]:-NOT RUN}"
+  [[ ${VERDICT[$phase]:-} == PASS ]] || status=1
+done
+exit $status

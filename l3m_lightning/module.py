@@ -269,13 +269,13 @@ class L3MModule(L.LightningModule):
                 top_k=hp.top_k,
                 top_p=hp.top_p,
                 # gathered parameters: no collectives while decoding, each rank stops on its own
-                synced_gpus=sharded and not gathered,
+                synced_gpus=sharded and not gathered and self.trainer.world_size > 1,
                 max_rows_per_call=hp.generation_batch_size,
             )
 
     def params_sharded(self) -> bool:
-        """True under FSDP1/FSDP2 with >1 rank: every forward all-gathers, so ranks must generate in lockstep."""
-        if self._trainer is None or self.trainer.world_size < 2:
+        """True under FSDP1/FSDP2 (one rank too): parameters must be gathered to generate or export."""
+        if self._trainer is None:
             return False
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.tensor import DTensor

@@ -2,6 +2,7 @@
 
 * λ_i is identical on both ranks at every step, and equals the λ_i one process computes from the
   union of both ranks' samples (Ĉ_i sums and sample counts all-reduced before λ is read off).
+* FSDP2 on one process (a laptop dry run of a multi-GPU config) still gathers for export.
 * FSDP2: sharded checkpoints resume with the same μ; the exported ``save_pretrained`` model holds the
   full (gathered) weights, loads with ``AutoModelForCausalLM`` and equals the checkpoint's weights.
 
@@ -28,12 +29,12 @@ CONSTRAINTS = (
 FSDP2 = "{class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: {data_parallel_size: 2, tensor_parallel_size: 1}}"
 
 
-def _fit(tmp_path: Path, strategy: str, *args: str) -> subprocess.CompletedProcess:
+def _fit(tmp_path: Path, strategy: str, *args: str, devices: int = 2) -> subprocess.CompletedProcess:
     runs = tmp_path / "runs"
     cmd = [
         sys.executable, str(ROOT / "cli.py"), "fit",
         "--config", str(ROOT / "configs" / "quickstart.yaml"),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", strategy,
+        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", strategy,
         "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--model.model_config", TINY_MODEL, "--model.constraints", CONSTRAINTS,
@@ -162,3 +163,17 @@ def test_fsdp2_checkpoint_holds_the_trained_value_head(fsdp2_run):
     state = torch.load(fsdp2_run[0] / "full_first.pt", weights_only=False)["state_dict"]
     weight = state["value_head.linear.weight"]
     assert weight.shape == (2, 33) and weight.abs().sum() > 0  # 2 constraints; hidden 32 + position; moved off its zero init
+
+
+def test_one_process_fsdp2_exports_a_loadable_model(tmp_path):
+    """One rank still holds DTensors: the export must gather them, not save the model's own state dict."""
+    from transformers import AutoModelForCausalLM
+
+    one_rank = FSDP2.replace("data_parallel_size: 2", "data_parallel_size: 1")
+    _fit(tmp_path, one_rank, "--trainer.max_steps", "2", "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump"),
+         "--model.value_baseline", "true", devices=1)
+    export = tmp_path / "runs" / "quickstart" / "version_0" / "hf_model"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    state = model.state_dict()
+    assert state["model.layers.0.mlp.up_proj.weight"].shape == (64, 32)
+    assert all(torch.isfinite(v).all() for v in state.values())
