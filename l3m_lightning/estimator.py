@@ -79,6 +79,8 @@ def token_level_surrogate(
     multipliers: torch.Tensor,
     group_size: int,
     valid: torch.Tensor | None = None,
+    token_position: torch.Tensor | None = None,
+    gae_lambda: float = 1.0,
 ) -> torch.Tensor:
     """``policy_gradient_surrogate`` with a per-token baseline β_ijt = β_ij + shift_it.
 
@@ -86,7 +88,8 @@ def token_level_surrogate(
     baseline and ``shift_it`` ([k, M]) may depend on the prompt and the tokens *before* t only
     (e.g. V_i(x, y_<t) − V_i(x)), so the gradient stays unbiased. With a zero shift it equals
     ``policy_gradient_surrogate`` exactly. ``token_logprobs``/``token_sequence``: [M] log π of each
-    sampled token and the index of its sample.
+    sampled token and the index of its sample. ``gae_lambda < 1`` (needs ``token_position``) replaces
+    the advantages by ``generalized_advantages`` of them.
     """
     num_samples = costs.shape[1]
     valid = torch.ones_like(costs, dtype=torch.bool) if valid is None else valid.bool()
@@ -95,10 +98,40 @@ def token_level_surrogate(
     for i in range(costs.shape[0]):
         c = costs[i].detach().to(dtype)
         per_sample = torch.where(valid[i], c - leave_one_out_baseline(c, group_size, valid[i]), torch.zeros_like(c))
-        advantage = (per_sample[token_sequence] - baseline_shift[i].detach().to(dtype)) * valid[i][token_sequence]
+        advantage = per_sample[token_sequence] - baseline_shift[i].detach().to(dtype)
+        if gae_lambda != 1.0:
+            advantage = generalized_advantages(advantage, token_sequence, token_position, gae_lambda)
+        advantage = advantage * valid[i][token_sequence]
         weighted = torch.zeros(num_samples, dtype=dtype, device=token_logprobs.device).index_add(0, token_sequence, advantage.detach() * token_logprobs)
         total = total + multipliers[i].detach().to(dtype) * masked_mean(weighted, valid[i])
     return total
+
+
+def generalized_advantages(advantage: torch.Tensor, token_sequence: torch.Tensor, token_position: torch.Tensor, lam: float) -> torch.Tensor:
+    """GAE(λ) with γ = 1 and a terminal-only cost, from the Monte-Carlo advantages u_t = c − V_t.
+
+    With V_t the baseline of token t, δ_t = V_{t+1} − V_t inside a response and c − V_last at its end,
+    so A_t = Σ_k λ^k δ_{t+k} obeys A_last = u_last, A_t = u_t − u_{t+1} + λ·A_{t+1}. λ = 1 returns u
+    (unbiased); λ < 1 credits each token mostly with the change of V it caused, not with the noise
+    of everything sampled after it — less variance, biased by V's error (Schulman et al., 2016).
+    ``token_position``: each token's index within its response (0, 1, … contiguous).
+    """
+    if lam == 1.0:
+        return advantage
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"gae_lambda must be in [0, 1], got {lam}")
+    if token_position is None:
+        raise ValueError("gae_lambda < 1 needs token_position")
+    length = int(token_position.max()) + 1 if token_position.numel() else 0
+    dense = advantage.new_zeros(int(token_sequence.max()) + 1 if token_sequence.numel() else 0, length + 1)
+    present = torch.zeros_like(dense, dtype=torch.bool)
+    dense[token_sequence, token_position] = advantage
+    present[token_sequence, token_position] = True
+    out = torch.zeros_like(dense)
+    for t in reversed(range(length)):
+        following = lam * out[:, t + 1] - dense[:, t + 1]
+        out[:, t] = dense[:, t] + torch.where(present[:, t + 1], following, torch.zeros_like(following))
+    return out[token_sequence, token_position]
 
 
 class ExponentialMovingAverage:

@@ -66,6 +66,8 @@ class L3MModule(L.LightningModule):
         value_head_lr: the value head's AdamW learning rate, apart from the policy's: a linear read-out
             must keep up with the policy's changing features even when the policy's rate is tiny (1e-6).
         value_head_width: 0 = a linear head; otherwise one hidden layer (GELU) of this width.
+        gae_lambda: with ``value_baseline``, 1 = Monte-Carlo advantages (unbiased); < 1 = GAE(λ): each
+            token is credited mostly with the change of V it caused — less variance, biased by V's error.
         method: ``barrier`` (L3M), ``lagrangian`` (the paper's MM baseline: λ ← max(0, λ + dual_lr·Ĉ),
             from ``dual_init``) or ``penalty`` (fixed ``penalty_weights``); see multipliers.py.
         infeasibility_patience: warn once when a constraint stays this many steps in the barrier's
@@ -110,6 +112,7 @@ class L3MModule(L.LightningModule):
         value_baseline: bool = False,
         value_head_lr: float = 1e-2,
         value_head_width: int = 0,
+        gae_lambda: float = 1.0,
         method: str = "barrier",
         dual_lr: float = 0.1,
         dual_init: float | list[float] = 0.0,
@@ -144,6 +147,10 @@ class L3MModule(L.LightningModule):
             raise ValueError(f"model.sft_loss_reduction must be 'token' or 'sequence', got {sft_loss_reduction!r}")
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        if not 0.0 <= gae_lambda <= 1.0:
+            raise ValueError(f"model.gae_lambda must be in [0, 1], got {gae_lambda}")
+        if gae_lambda < 1.0 and not value_baseline:
+            raise ValueError(f"model.gae_lambda={gae_lambda} needs model.value_baseline: true (GAE bootstraps from V)")
         self.save_hyperparameters()
         self.constraints: list[Constraint] = build_constraints(constraints)
         self.mu_schedule = MuSchedule(start=mu_start, floor=mu_floor, factor=mu_decay, every=mu_decay_every)
@@ -223,7 +230,9 @@ class L3MModule(L.LightningModule):
         self.log_dict({"train/value_baseline_mse": value_loss.detach(),
                        "train/value_baseline_explained": self.value_head.explained_variance(value_loss, pg, costs, valid)})
         shift = self.value_head.baseline_shift(values, pg)
-        return token_level_surrogate(pg.logp, pg.sequence, shift, costs, multipliers, group_size, valid) + value_loss
+        surrogate = token_level_surrogate(pg.logp, pg.sequence, shift, costs, multipliers, group_size, valid,
+                                          token_position=pg.positions(), gae_lambda=self.hparams.gae_lambda)
+        return surrogate + value_loss
 
     def packing_enabled(self, parts) -> bool:
         """``fused_forward``, once the model is seen to honour packed position ids (checked on the first batch)."""

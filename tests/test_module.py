@@ -86,6 +86,8 @@ def test_nan_reward_fails_the_step_naming_constraint_and_sample(batch):
     ("num_samples", 0, "model.num_samples must be >= 1"),
     ("temperature", 0.0, "model.temperature must be > 0"),
     ("sft_loss_reduction", "mean", "model.sft_loss_reduction must be 'token' or 'sequence'"),
+    ("gae_lambda", 1.2, r"model.gae_lambda must be in \[0, 1\]"),
+    ("gae_lambda", 0.9, "model.gae_lambda=0.9 needs model.value_baseline: true"),
 ])
 def test_bad_hyperparameters_fail_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -162,18 +164,38 @@ def test_lora_trains_adapters_only_and_exports_a_merged_model(batch, tmp_path):
     assert not any("lora" in n for n, _ in exported.named_parameters())
 
 
+def _token_reward(prompts, completions, completion_ids, **kwargs):
+    """Varies from sample to sample (a tiny random model's samples all run to max_new_tokens: their lengths don't)."""
+    return [sum(ids) % 7 / 7 for ids in completion_ids]
+
+
+VARYING = [{"name": "reward_function", "function": _token_reward, "threshold": 0.1, "sense": "at_most", "scale": 1.0}]
+
+
+def _policy_gradient(batch, **kwargs) -> torch.Tensor:
+    module = _module(constraints=VARYING, num_samples=2, **kwargs)
+    torch.manual_seed(0)
+    module.training_step(batch, 0).backward()
+    return torch.cat([p.grad.flatten() for p in module.model.parameters()]), module
+
+
 def test_value_baseline_starts_as_the_leave_one_out_estimator_and_trains_its_head(batch):
-    spec = [{"name": "length", "threshold": 2, "scale": 4}]
-    grads = {}
-    for value_baseline in (False, True):
-        module = _module(constraints=spec, num_samples=2, value_baseline=value_baseline)
-        torch.manual_seed(0)
-        module.training_step(batch, 0).backward()
-        grads[value_baseline] = [p.grad.clone() for p in module.model.parameters()]
-    for a, b in zip(grads[False], grads[True]):  # zero-initialised V: the same policy gradient
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    without, _ = _policy_gradient(batch)
+    with_head, module = _policy_gradient(batch, value_baseline=True)
+    sft_only = _module()
+    sft_only.sft_loss(batch)[0].backward()
+    sft = torch.cat([p.grad.flatten() for p in sft_only.model.parameters()])
+    assert (without - sft).abs().max() > 1e-3 * sft.abs().max()  # the constraint term is not zero here
+    torch.testing.assert_close(with_head, without, rtol=1e-5, atol=1e-7)  # zero-initialised V: the same policy gradient
     head_grad = module.value_head.linear.bias.grad
     assert head_grad is not None and head_grad.abs().sum() > 0
+
+
+def test_gae_lambda_changes_the_policy_gradient(batch):
+    """With V = 0 (its start) GAE(0) credits only each sample's last token: a different gradient from λ = 1."""
+    monte_carlo, _ = _policy_gradient(batch, value_baseline=True)
+    gae, _ = _policy_gradient(batch, value_baseline=True, gae_lambda=0.0)
+    assert (monte_carlo - gae).abs().max() > 1e-3 * monte_carlo.abs().max()
 
 
 def test_the_value_head_has_its_own_learning_rate():

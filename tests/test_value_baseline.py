@@ -1,5 +1,6 @@
 """The per-token baseline: unbiased for any prefix-only shift (exact enumeration), lower variance with
-the true value function, identical to the leave-one-out estimator when the shift is zero.
+the true value function, identical to the leave-one-out estimator when the shift is zero. GAE(λ):
+unbiased with the true value for any λ and less variance on the choosing token, biased with a wrong one.
 
 Toy policy over two-token responses: the first token chooses an answer kind (concise or verbose),
 the second its wording. Costs are lengths, set almost entirely by the kind — the situation in which
@@ -13,7 +14,7 @@ import itertools
 import pytest
 import torch
 
-from l3m_lightning.estimator import policy_gradient_surrogate, token_level_surrogate
+from l3m_lightning.estimator import generalized_advantages, policy_gradient_surrogate, token_level_surrogate
 from l3m_lightning.packing import TokenLogprobs
 from l3m_lightning.value_baseline import TokenValueHead
 
@@ -39,7 +40,7 @@ def _exact_gradient(theta_kind, theta_word):
     return torch.cat([g.flatten() for g in torch.autograd.grad(expected_cost, (tk, tw))])
 
 
-def _estimate(theta_kind, theta_word, group, shift_fn, lam=1.0):
+def _estimate(theta_kind, theta_word, group, shift_fn, lam=1.0, gae=1.0):
     """Gradient of the token-level surrogate for one group of sampled responses."""
     tk, tw = theta_kind.clone().requires_grad_(True), theta_word.clone().requires_grad_(True)
     lk, lw = _policy(tk, tw)
@@ -47,18 +48,20 @@ def _estimate(theta_kind, theta_word, group, shift_fn, lam=1.0):
     sequence = torch.arange(len(group)).repeat_interleave(2)
     shift = torch.tensor([[s for a, w in group for s in (0.0, shift_fn(a, w))]], dtype=F64)
     costs = torch.stack([COSTS[a, w] for a, w in group]).unsqueeze(0)
-    loss = token_level_surrogate(logp, sequence, shift, costs, torch.tensor([lam], dtype=F64), group_size=len(group))
+    position = torch.tensor([0, 1]).repeat(len(group))
+    loss = token_level_surrogate(logp, sequence, shift, costs, torch.tensor([lam], dtype=F64), group_size=len(group),
+                                 token_position=position, gae_lambda=gae)
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, (tk, tw))])
 
 
-def _moments(theta_kind, theta_word, shift_fn, k=2):
+def _moments(theta_kind, theta_word, shift_fn, k=2, gae=1.0):
     """Exact mean and total variance of the estimate over every group of k samples."""
     lk, lw = _policy(theta_kind, theta_word)
     prob = {r: (lk[r[0]] + lw[r]).exp() for r in RESPONSES}
     mean, second = 0.0, 0.0
     for group in itertools.product(RESPONSES, repeat=k):
         p = torch.stack([prob[r] for r in group]).prod()
-        g = _estimate(theta_kind, theta_word, list(group), shift_fn)
+        g = _estimate(theta_kind, theta_word, list(group), shift_fn, gae=gae)
         mean = mean + p * g
         second = second + p * g.pow(2)
     return mean, second - mean.pow(2)
@@ -140,3 +143,43 @@ def test_explained_variance_is_clipped_when_the_costs_do_not_vary():
     assert TokenValueHead.explained_variance(torch.tensor(29.16), tokens, costs, valid).item() == -1.0
     varied = torch.tensor([[1.0, 3.0]])  # variance 1 over the tokens
     assert TokenValueHead.explained_variance(torch.tensor(0.25), tokens, varied, valid).item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("gae", [0.0, 0.5])
+def test_gae_with_the_true_value_is_unbiased_and_quiets_the_choosing_token(gae):
+    theta = _params(0)
+    true_value = _true_value_shift(*theta)
+    mean, variance = _moments(*theta, true_value, gae=gae)
+    torch.testing.assert_close(mean, _exact_gradient(*theta), rtol=1e-10, atol=1e-12)
+    _, monte_carlo = _moments(*theta, true_value)
+    kind, wording = slice(0, 2), slice(2, 8)
+    assert variance[kind].sum() < 0.9 * monte_carlo[kind].sum(), (variance, monte_carlo)  # no wording noise on the choice
+    torch.testing.assert_close(variance[wording], monte_carlo[wording])  # the last token's advantage is unchanged
+
+
+def test_gae_with_a_wrong_value_is_biased():
+    theta = _params(0)
+    wrong_value = lambda a, w: [0.3, -5.0][a]  # a prefix-only shift: unbiased at λ = 1, not below
+    mean, _ = _moments(*theta, wrong_value, gae=0.5)
+    assert (mean - _exact_gradient(*theta)).abs().max() > 1e-2
+
+
+def test_generalized_advantages_are_the_discounted_sums_of_td_errors_in_any_token_order():
+    g = torch.Generator().manual_seed(0)
+    lengths, lam = [3, 1, 5, 2], 0.7
+    sequence = torch.arange(4).repeat_interleave(torch.tensor(lengths))
+    position = torch.cat([torch.arange(n) for n in lengths])
+    cost = torch.randn(4, generator=g, dtype=F64)
+    value = torch.randn(len(sequence), generator=g, dtype=F64)  # V'_t of each token
+    expected = torch.empty_like(value)
+    for j in range(4):
+        v = value[sequence == j]
+        td = torch.cat([v[1:] - v[:-1], (cost[j] - v[-1:])])  # V_{t+1} − V_t, then c − V_last
+        expected[sequence == j] = torch.stack([sum(lam**k * td[t + k] for k in range(len(v) - t)) for t in range(len(v))])
+    order = torch.randperm(len(sequence), generator=g)  # packing may interleave sequences
+    monte_carlo = cost[sequence] - value
+    got = generalized_advantages(monte_carlo[order], sequence[order], position[order], lam)
+    torch.testing.assert_close(got, expected[order])
+    assert torch.equal(generalized_advantages(monte_carlo, sequence, position, 1.0), monte_carlo)
+    with pytest.raises(ValueError, match="gae_lambda must be in"):
+        generalized_advantages(monte_carlo, sequence, position, 1.5)
