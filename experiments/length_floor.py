@@ -24,7 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from scipy.optimize import brentq  # noqa: E402
 
 from l3m_lightning.data import ChatDataModule  # noqa: E402
 from l3m_lightning.embedded.dataset import generate_pairs  # noqa: E402
@@ -50,18 +49,27 @@ def held_out_answers(max_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return np.array(concise, float), np.array(verbose, float), np.array(is_verbose), tokens
 
 
+def bisect(f, lo: float, hi: float, iterations: int = 200) -> float:
+    """The root of an increasing-or-decreasing f on [lo, hi] by bisection (no scipy needed)."""
+    sign_lo = f(lo) > 0
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if (f(mid) > 0) == sign_lo else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def verbose_probability(lam: float, concise: np.ndarray, verbose: np.ndarray) -> np.ndarray:
     """π_x(verbose) at multiplier λ: ν_x solves ½/(ν + λ·l_c) + ½/(ν + λ·l_v) = 1."""
     out = np.empty(len(concise))
     for i, (lc, lv) in enumerate(zip(concise, verbose)):
-        nu = brentq(lambda nu: 0.5 / (nu + lam * lc) + 0.5 / (nu + lam * lv) - 1, -lam * lc + 1e-12, 1 + lam * lv)
+        nu = bisect(lambda nu: 0.5 / (nu + lam * lc) + 0.5 / (nu + lam * lv) - 1, -lam * lc + 1e-12, 1 + lam * lv)
         out[i] = 0.5 / (nu + lam * lv)
     return out
 
 
 def floor(bound: float, concise: np.ndarray, verbose: np.ndarray, is_verbose: np.ndarray, tokens: int) -> dict:
     mean_length = lambda lam: float(((1 - (p := verbose_probability(lam, concise, verbose))) * concise + p * verbose).mean())  # noqa: E731
-    lam = 0.0 if mean_length(0.0) <= bound else brentq(lambda lam: mean_length(lam) - bound, 1e-9, 1e3)
+    lam = 0.0 if mean_length(0.0) <= bound else bisect(lambda lam: mean_length(lam) - bound, 1e-9, 1e3)
     p = verbose_probability(lam, concise, verbose)
     extra = float(np.where(is_verbose, np.log(0.5 / p), np.log(0.5 / (1 - p))).sum())
     return {"bound": bound, "p_verbose": float(p.mean()), "extra_nll_nats": extra, "tokens": tokens,
