@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"sft": None, "length-concise": ("at_most", 10.0), "length-verbose": ("at_least", 30.0)}
 
 
-def run(name: str, max_steps: int, eval_rows: int, out: Path) -> dict:
+def run(name: str, max_steps: int, eval_rows: int, out: Path, seed: int = 0) -> dict:
     args = [
         "fit",
+        "--seed_everything", str(seed),
         "--config", str(ROOT / "configs" / f"{name}.yaml"),
         "--trainer.max_steps", str(max_steps),
         "--trainer.val_check_interval", str(max_steps),
@@ -56,7 +57,7 @@ def run(name: str, max_steps: int, eval_rows: int, out: Path) -> dict:
 
 def run_in_parallel(args: argparse.Namespace) -> list[dict]:
     commands = {name: [sys.executable, __file__, "--runs", name, "--max-steps", str(args.max_steps),
-                       "--eval-rows", str(args.eval_rows), "--out", str(args.out)] for name in args.runs}
+                       "--eval-rows", str(args.eval_rows), "--out", str(args.out), "--seed", str(args.seed)] for name in args.runs}
     return run_children(commands, args.out, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -67,15 +68,16 @@ def main_cli() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     parser.add_argument("--parallel", action="store_true", help="one process per run, one thread each")
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything (model init, sampling); results go to length_table_seed<N>.json if not 0")
     parser.add_argument("--row-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row_json:  # child of --parallel: one run, one JSON row
-        args.row_json.write_text(json.dumps(run(args.runs[0], args.max_steps, args.eval_rows, args.out)))
+        args.row_json.write_text(json.dumps(run(args.runs[0], args.max_steps, args.eval_rows, args.out, args.seed)))
         return
     if args.parallel:
         rows = run_in_parallel(args)
     else:
-        rows = [run(name, args.max_steps, args.eval_rows, args.out) for name in args.runs]
+        rows = [run(name, args.max_steps, args.eval_rows, args.out, args.seed) for name in args.runs]
 
     sft = next((r for r in rows if r["run"] == "sft"), None)
     print(f"\n{'run':<16} {'test ppl':>9} {'ppl/sft':>8} {'mean len':>9}  constraint       satisfied")
@@ -84,13 +86,14 @@ def main_cli() -> None:
         r["ppl_ratio_to_sft"] = ratio
         print(f"{r['run']:<16} {r['test_ppl']:>9.3f} {ratio:>8.3f} {r['mean_length']:>9.1f}  {r.get('constraint', '-'):<16} {r.get('satisfied', '-')}")
     lengths = {r["run"]: r["mean_length"] for r in rows}
-    summary = {"max_steps": args.max_steps, "eval_rows": args.eval_rows, "runs": rows}
+    summary = {"max_steps": args.max_steps, "eval_rows": args.eval_rows, "seed": args.seed, "runs": rows}
     if "length-concise" in lengths and "length-verbose" in lengths:
         summary["verbose_to_concise_length_ratio"] = lengths["length-verbose"] / max(lengths["length-concise"], 1e-9)
         print(f"verbose/concise mean length: {summary['verbose_to_concise_length_ratio']:.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "length_table.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {args.out / 'length_table.json'}")
+    target = args.out / ("length_table.json" if args.seed == 0 else f"length_table_seed{args.seed}.json")
+    target.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {target}")
 
 
 if __name__ == "__main__":
