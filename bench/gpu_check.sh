@@ -51,20 +51,21 @@ fit() {  # common flags for every phase; extra flags follow. A run that hangs is
     --model.learning_rate 3.0e-4 --model.log_samples_every_n_steps 0 --data.batch_size "$BATCH" "$@"
 }
 
+export_loads() {  # the exported hf_model (full state dict gathered from the shards) loads with transformers
+  python -c "import sys; from transformers import AutoModelForCausalLM as M; m = M.from_pretrained(sys.argv[1]); \
+print(f'exported hf_model loads: {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters, {m.config.num_hidden_layers} layers')" "$1"
+}
+
 if [[ " $PHASES " == *" throughput "* ]]; then
   echo "=== phase throughput ==="
   fit --trainer.strategy "$STRATEGY" --trainer.max_steps "$STEPS" --trainer.enable_checkpointing false \
     --trainer.logger.init_args.save_dir "$OUT" \
     --trainer.callbacks "[{class_path: bench.gpu_throughput.ThroughputReport, init_args: {warmup_steps: 5, $PEAK out: $OUT/throughput.json}}]" \
     --model.export_dir "$OUT/hf_model" \
+  && export_loads "$OUT/hf_model" \
   && python - "$OUT" <<'PY'
 import json, sys
-from transformers import AutoModelForCausalLM
-out = sys.argv[1]
-model = AutoModelForCausalLM.from_pretrained(f"{out}/hf_model")
-n = sum(p.numel() for p in model.parameters())
-print(f"exported hf_model loads: {n / 1e6:.1f}M parameters, hidden {model.config.hidden_size}, {model.config.num_hidden_layers} layers")
-report = json.load(open(f"{out}/throughput.json"))
+report = json.load(open(f"{sys.argv[1]}/throughput.json"))
 print(f"tokens/s (trained): {report['tokens_per_s_trained']:.0f}   tokens/s (sampled): {report['tokens_per_s_sampled']:.0f}   MFU: {report['mfu']}")
 PY
   [[ $? == 0 ]] && VERDICT[throughput]=PASS || VERDICT[throughput]=FAIL
@@ -105,7 +106,7 @@ if [[ " $PHASES " == *" fsdp2 "* ]]; then
   fit --trainer.strategy "$FSDP2" --trainer.max_steps 10 --trainer.enable_checkpointing false --trainer.callbacks "[]" \
     --trainer.logger.init_args.save_dir "$OUT/fsdp2" --model.value_baseline true --model.generation_batch_size 8 \
     --model.export_dir "$OUT/fsdp2/hf_model" \
-  && python -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('$OUT/fsdp2/hf_model'); print('fsdp2 export loads', sum(p.numel() for p in m.parameters()))"
+  && export_loads "$OUT/fsdp2/hf_model"
   [[ $? == 0 ]] && VERDICT[fsdp2]=PASS || VERDICT[fsdp2]=FAIL
 fi
 

@@ -99,9 +99,7 @@ def token_level_surrogate(
         c = costs[i].detach().to(dtype)
         per_sample = torch.where(valid[i], c - leave_one_out_baseline(c, group_size, valid[i]), torch.zeros_like(c))
         advantage = per_sample[token_sequence] - baseline_shift[i].detach().to(dtype)
-        if gae_lambda != 1.0:
-            advantage = generalized_advantages(advantage, token_sequence, token_position, gae_lambda)
-        advantage = advantage * valid[i][token_sequence]
+        advantage = generalized_advantages(advantage, token_sequence, token_position, gae_lambda) * valid[i][token_sequence]
         weighted = torch.zeros(num_samples, dtype=dtype, device=token_logprobs.device).index_add(0, token_sequence, advantage.detach() * token_logprobs)
         total = total + multipliers[i].detach().to(dtype) * masked_mean(weighted, valid[i])
     return total

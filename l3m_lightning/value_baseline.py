@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from l3m_lightning.estimator import masked_mean
 from l3m_lightning.packing import TokenLogprobs
 
 
@@ -49,21 +50,17 @@ class TokenValueHead(torch.nn.Module):
     def loss(values: torch.Tensor, tokens: TokenLogprobs, costs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Mean squared error of V against each token's response cost, over valid samples' tokens."""
         target, used = _token_targets(tokens, costs, valid, values.dtype)
-        return _mean((values - target) ** 2, used)
+        return masked_mean((values - target) ** 2, used)
 
     @staticmethod
     def explained_variance(mse: torch.Tensor, tokens: TokenLogprobs, costs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """1 − MSE / Var(cost) over the same tokens, clipped to [−1, 1]: 0 = no better than a constant, 1 = perfect."""
         target, used = _token_targets(tokens, costs, valid, mse.dtype)
-        variance = _mean((target - _mean(target, used)) ** 2, used)
+        variance = masked_mean((target - masked_mean(target, used)) ** 2, used)
         # clipped: when the sampled costs hardly vary (e.g. every sample hit max_new_tokens) the ratio explodes
         return (1 - mse.detach() / variance.clamp(min=1e-12)).clamp(-1.0, 1.0).float()
 
 
 def _token_targets(tokens: TokenLogprobs, costs: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's response cost ``[k, M]`` (detached) and a 0/1 weight: is that response valid."""
-    return costs.detach().to(dtype)[:, tokens.sequence], valid[:, tokens.sequence].to(dtype)
-
-
-def _mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (values * weight).sum() / weight.sum().clamp(min=1)
+    """Each token's response cost ``[k, M]`` (detached) and whether that response is valid."""
+    return costs.detach().to(dtype)[:, tokens.sequence], valid[:, tokens.sequence]
