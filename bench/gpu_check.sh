@@ -15,11 +15,12 @@
 #   overrides: DEVICES STEPS BATCH NUM_SAMPLES MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR PRECISION MODEL_CONFIG PHASES
 #              STRATEGY RESUME_STRATEGY FIT_TIMEOUT
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
-# Tried once (2026-11-27, one H200, torch 2.11 image): nothing had started training after 420 s —
-# no output came back and no TensorBoard folder was written; the cause was not found.
+# Measured on one H200 (2026-11-27): all phases PASS; numbers in README ("Scaling out").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# A fit still running after FIT_TIMEOUT s gets SIGUSR2 (cli.py then prints every thread's stack: where
+# it waits) and is killed 20 s later.
 
 OUT=${OUT:-runs/gpu_check}
 ACCELERATOR=${ACCELERATOR:-gpu}
@@ -43,7 +44,7 @@ declare -A VERDICT
 
 fit() {  # common flags for every phase; extra flags follow. A run that hangs is killed after FIT_TIMEOUT s.
   echo "[$(date +%T)] fit $*" | cut -c1-200
-  timeout "$FIT_TIMEOUT" python cli.py fit --config configs/quickstart.yaml \
+  timeout -s USR2 -k 20 "$FIT_TIMEOUT" python cli.py fit --config configs/quickstart.yaml \
     --trainer.accelerator "$ACCELERATOR" --trainer.devices "$DEVICES" --trainer.precision "$PRECISION" \
     --trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0 --trainer.enable_progress_bar false \
     --trainer.log_every_n_steps 1 \
@@ -103,8 +104,9 @@ fi
 
 if [[ " $PHASES " == *" fsdp2 "* ]]; then
   echo "=== phase fsdp2 ==="
-  fit --trainer.strategy "$FSDP2" --trainer.max_steps 10 --trainer.enable_checkpointing false --trainer.callbacks "[]" \
+  fit --trainer.strategy "$FSDP2" --trainer.max_steps 10 --trainer.enable_checkpointing false \
     --trainer.logger.init_args.save_dir "$OUT/fsdp2" --model.value_baseline true --model.generation_batch_size 8 \
+    --trainer.callbacks "[{class_path: bench.gpu_throughput.ThroughputReport, init_args: {warmup_steps: 3, $PEAK out: $OUT/fsdp2/throughput.json}}]" \
     --model.export_dir "$OUT/fsdp2/hf_model" \
   && export_loads "$OUT/fsdp2/hf_model"
   [[ $? == 0 ]] && VERDICT[fsdp2]=PASS || VERDICT[fsdp2]=FAIL

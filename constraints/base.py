@@ -18,7 +18,7 @@ Sense = Literal["at_most", "at_least"]
 class ConstraintError(ValueError):
     """A constraint's scorer failed or returned something unusable; the message names the constraint.
 
-    A ``ValueError`` subclass, so callers that caught the earlier ``ValueError``\ s keep working.
+    A ``ValueError`` subclass, so callers that caught the earlier ``ValueError`` keep working.
     """
 
 

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 import warnings
 
@@ -34,6 +36,8 @@ class TokenizerLinkedCLI(LightningCLI):
 def main(args: list[str] | None = None):
     """``cli.py {fit,validate,test,predict} ...`` trains the policy; ``cli.py rm fit ...`` trains a reward model."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(signal, "SIGUSR2"):  # `kill -USR2 <pid>` prints every thread's stack: where a stuck run waits
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["rm"]:
         from l3m_lightning.reward_cli import main as reward_model_main

@@ -204,6 +204,20 @@ class L3MModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.mu_schedule.step()
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by norm under FSDP1 too (``trainer.gradient_clip_val``, the paper's setting).
+
+        Lightning's FSDP precision refuses norm clipping (its optimiser-level clip cannot see the
+        other shards); FSDP's own ``clip_grad_norm_`` reduces the norm across all of them.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(root, FullyShardedDataParallel):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # --- pieces of the step -----------------------------------------------------------------------
     def policy_logprobs(self, batch: dict[str, Any], rollouts: Rollouts | None) -> tuple[TokenLogprobs, TokenLogprobs | None]:
         """log π of every labelled token: of the references, and of the samples if any.

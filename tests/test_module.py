@@ -223,3 +223,33 @@ def test_held_out_values_are_averaged_per_prompt_over_eval_num_samples(batch):
     assert module.eval_values["length"].compute().tolist() == [2.0, 3.0]
     assert module.eval_values["length__reward"].compute().tolist() == [2.0, 3.0]
     torch.testing.assert_close(module.eval_values["length__cost"].compute(), torch.tensor([0.0, 0.25]))
+
+
+def test_clipping_by_norm_under_fsdp1_goes_through_fsdp(batch, tmp_path):
+    """Lightning's FSDP precision refuses norm clipping; the module clips through FSDP's own clip_grad_norm_."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        module = _module()
+        root = FullyShardedDataParallel(module, device_id=torch.device("cpu"))
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
+        (1e3 * module.sft_loss(batch)[0]).backward()
+        grads = [p.grad for p in root.parameters() if p.grad is not None]
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) > 10
+        with mock.patch.object(module, "clip_gradients", side_effect=AssertionError("Lightning's clip refuses FSDP")):
+            module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) == pytest.approx(1.0, rel=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clipping_without_fsdp_is_lightnings(batch):
+    module = _module()
+    module._trainer = mock.Mock(strategy=mock.Mock(model=module))
+    with mock.patch.object(module, "clip_gradients") as clip:
+        module.configure_gradient_clipping("opt", gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    clip.assert_called_once_with("opt", 1.0, "norm")
