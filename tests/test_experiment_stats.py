@@ -37,3 +37,22 @@ def test_training_stats_from_event_file(tmp_path):
     assert stats["feasible_fraction_last_half"] == pytest.approx(2 / 3)  # steps 3, 4, 5
     assert stats["lambda_last_half"]["sign_changes"] == 1  # steps 3-5: 1.4 -> 1.1 -> 1.3
     assert stats["lambda_last_half"]["steps"] == 3
+
+
+def test_token_gap_splits_the_extra_nll_into_disjoint_parts():
+    import token_gap
+
+    def row(nll, first=False, last=False, p_eos=0.0):
+        return {"nll": nll, "p_eos": p_eos, "first": first, "last": last, "token": "t", "context": ""}
+
+    reference = [row(1.0, first=True), row(0.01), row(0.3), row(2.0), row(0.0, last=True)]
+    constrained = [row(2.0, first=True), row(0.11, p_eos=0.2), row(0.3), row(1.0, p_eos=0.4), row(0.5, last=True)]
+    result = token_gap.summarise(reference, constrained)
+    gaps = {p["tokens"]: p["gap_nats"] for p in result["parts"]}
+    assert gaps["first token"] == pytest.approx(1.0) and gaps["EOS"] == pytest.approx(0.5)
+    assert gaps["inner, reference nll in [0, 0.05)"] == pytest.approx(0.1)
+    assert gaps["inner, reference nll in [0.05, 0.5)"] == pytest.approx(0.0)
+    assert gaps["inner, reference nll in [1.5, inf)"] == pytest.approx(-1.0)
+    assert result["gap_nats"] == pytest.approx(sum(gaps.values())) == pytest.approx(0.6)
+    assert sum(p["share"] for p in result["parts"]) == pytest.approx(1.0)
+    assert result["constrained_mean_p_eos_inside"] == pytest.approx((0.2 + 0.0 + 0.4) / 3)
