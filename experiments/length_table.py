@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ def run(name: str, max_steps: int, eval_rows: int, out: Path, seed: int = 0) -> 
         "--data.max_val_rows", str(eval_rows),
         "--model.export_dir", "",
     ]
+    # a fresh run each time: left-over checkpoints would make Lightning write last-v1.ckpt, … beside a stale last.ckpt
+    shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
     start = time.time()
     cli = main(args)
     fit_seconds = time.time() - start
