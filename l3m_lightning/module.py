@@ -210,10 +210,8 @@ class L3MModule(L.LightningModule):
         Lightning's FSDP precision refuses norm clipping (its optimiser-level clip cannot see the
         other shards); FSDP's own ``clip_grad_norm_`` reduces the norm across all of them.
         """
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        root = self.trainer.strategy.model
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(root, FullyShardedDataParallel):
+        root = self.fsdp1_root()
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and root is not None:
             root.clip_grad_norm_(gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -296,15 +294,20 @@ class L3MModule(L.LightningModule):
                 max_rows_per_call=hp.generation_batch_size,
             )
 
-    def params_sharded(self) -> bool:
-        """True under FSDP1/FSDP2 (one rank too): parameters must be gathered to generate or export."""
+    def fsdp1_root(self) -> torch.nn.Module | None:
+        """The ``FullyShardedDataParallel`` wrapping this module under ``FSDPStrategy``, else ``None``."""
         if self._trainer is None:
-            return False
+            return None
         from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.tensor import DTensor
 
         root = self.trainer.strategy.model
-        return isinstance(root, FullyShardedDataParallel) or any(isinstance(p, DTensor) for p in self.model.parameters())
+        return root if isinstance(root, FullyShardedDataParallel) else None
+
+    def params_sharded(self) -> bool:
+        """True under FSDP1/FSDP2 (one rank too): parameters must be gathered to generate or export."""
+        from torch.distributed.tensor import DTensor
+
+        return self.fsdp1_root() is not None or any(isinstance(p, DTensor) for p in self.model.parameters())
 
     def score(self, batch: dict[str, Any], rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rewards, normalised costs and validity masks, each ``[k, N]`` (float64 / bool, on device)."""
@@ -529,11 +532,10 @@ class L3MModule(L.LightningModule):
         if not self.params_sharded():
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from torch.distributed.fsdp import FullyShardedDataParallel
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        root = self.trainer.strategy.model
-        if isinstance(root, FullyShardedDataParallel):  # FSDP1 wraps the LightningModule: keys are "model.<policy key>"
+        root = self.fsdp1_root()
+        if root is not None:  # FSDP1 wraps the LightningModule: keys are "model.<policy key>"
             full = get_model_state_dict(root, options=options)
             return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
         return get_model_state_dict(self.model, options=options)
