@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"sft": None, "length-concise": ("at_most", 10.0), "length-verbose": ("at_least", 30.0)}
 
 
-def run(name: str, max_steps: int, eval_rows: int, out: Path, seed: int = 0) -> dict:
+def run(name: str, max_steps: int, eval_rows: int, out: Path, seed: int = 0, overrides: list[str] = ()) -> dict:
     args = [
         "fit",
         "--config", str(ROOT / "configs" / f"{name}.yaml"),
@@ -43,6 +43,8 @@ def run(name: str, max_steps: int, eval_rows: int, out: Path, seed: int = 0) -> 
         "--data.max_val_rows", str(eval_rows),
         "--model.export_dir", "",
     ]
+    if RUNS[name] is not None:  # KEY=VALUE → --KEY VALUE, for the constrained runs only
+        args += [part for item in overrides for part in ("--" + item.split("=", 1)[0], item.split("=", 1)[1])]
     # a fresh run each time: left-over checkpoints would make Lightning write last-v1.ckpt, … beside a stale last.ckpt
     shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
     start = time.time()
@@ -60,7 +62,8 @@ def run(name: str, max_steps: int, eval_rows: int, out: Path, seed: int = 0) -> 
 
 def run_in_parallel(args: argparse.Namespace) -> list[dict]:
     commands = {name: [sys.executable, __file__, "--runs", name, "--max-steps", str(args.max_steps),
-                       "--eval-rows", str(args.eval_rows), "--out", str(args.out), "--seed", str(args.seed)] for name in args.runs}
+                       "--eval-rows", str(args.eval_rows), "--out", str(args.out), "--seed", str(args.seed),
+                       *[part for item in args.override for part in ("--override", item)]] for name in args.runs}
     return run_children(commands, args.out, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -72,15 +75,17 @@ def main_cli() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     parser.add_argument("--parallel", action="store_true", help="one process per run, one thread each")
     parser.add_argument("--seed", type=int, default=0, help="seed_everything (model init, sampling); results go to length_table_seed<N>.json if not 0")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the constrained runs, e.g. model.constraint_warmup_steps=100 (repeatable)")
     parser.add_argument("--row-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row_json:  # child of --parallel: one run, one JSON row
-        args.row_json.write_text(json.dumps(run(args.runs[0], args.max_steps, args.eval_rows, args.out, args.seed)))
+        args.row_json.write_text(json.dumps(run(args.runs[0], args.max_steps, args.eval_rows, args.out, args.seed, args.override)))
         return
     if args.parallel:
         rows = run_in_parallel(args)
     else:
-        rows = [run(name, args.max_steps, args.eval_rows, args.out, args.seed) for name in args.runs]
+        rows = [run(name, args.max_steps, args.eval_rows, args.out, args.seed, args.override) for name in args.runs]
 
     sft = next((r for r in rows if r["run"] == "sft"), None)
     print(f"\n{'run':<16} {'test ppl':>9} {'ppl/sft':>8} {'mean len':>9}  constraint       satisfied")
@@ -89,7 +94,7 @@ def main_cli() -> None:
         r["ppl_ratio_to_sft"] = ratio
         print(f"{r['run']:<16} {r['test_ppl']:>9.3f} {ratio:>8.3f} {r['mean_length']:>9.1f}  {r.get('constraint', '-'):<16} {r.get('satisfied', '-')}")
     lengths = {r["run"]: r["mean_length"] for r in rows}
-    summary = {"max_steps": args.max_steps, "eval_rows": args.eval_rows, "seed": args.seed, "runs": rows}
+    summary = {"max_steps": args.max_steps, "eval_rows": args.eval_rows, "seed": args.seed, "overrides": args.override, "runs": rows}
     if "length-concise" in lengths and "length-verbose" in lengths:
         summary["verbose_to_concise_length_ratio"] = lengths["length-verbose"] / max(lengths["length-concise"], 1e-9)
         print(f"verbose/concise mean length: {summary['verbose_to_concise_length_ratio']:.2f}x")

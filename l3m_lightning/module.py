@@ -60,6 +60,10 @@ class L3MModule(L.LightningModule):
             (sharded_generation.py); under FSDP1 every decode step all-gathers, ranks in lockstep.
         mu_start / mu_floor / mu_decay / mu_decay_every: μ ← max(floor, decay·μ) every N steps.
         constraint_ema: EMA of Ĉ_i before reading λ_i off (0 = off; our option, not the paper's).
+        constraint_warmup_steps: optimiser steps of plain SFT (no sampling) before the constraints
+            switch on; the μ schedule starts counting then. 0 (default) is the paper's one stage. For a
+            policy trained from random init, so the barrier does not shape answers the model cannot
+            write yet (README, "Constraint warm-up"). Our option.
         value_baseline: add a learned per-token baseline V_i(x, y_<t) − V_i(x) to the leave-one-out one
             (value_baseline.py): still unbiased, and the content tokens of a long response stop
             carrying the advantage its first tokens earned. Our option (method.md leaves the baseline open).
@@ -109,6 +113,7 @@ class L3MModule(L.LightningModule):
         mu_decay: float = 0.9,
         mu_decay_every: int = 10,
         constraint_ema: float = 0.0,
+        constraint_warmup_steps: int = 0,
         value_baseline: bool = False,
         value_head_lr: float = 1e-2,
         value_head_width: int = 0,
@@ -145,6 +150,8 @@ class L3MModule(L.LightningModule):
             raise ValueError(f"model.generation_batch_size must be >= 1 sequences (or null for all), got {generation_batch_size}")
         if sft_loss_reduction not in ("token", "sequence"):
             raise ValueError(f"model.sft_loss_reduction must be 'token' or 'sequence', got {sft_loss_reduction!r}")
+        if constraint_warmup_steps < 0:
+            raise ValueError(f"model.constraint_warmup_steps must be >= 0 optimiser steps, got {constraint_warmup_steps}")
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if not 0.0 <= gae_lambda <= 1.0:
@@ -174,11 +181,13 @@ class L3MModule(L.LightningModule):
 
     # --- the training step ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        rollouts = self.sample(batch, self.hparams.num_samples) if self.constraints else None
+        rollouts = self.sample(batch, self.hparams.num_samples) if self.constraints_active() else None
         sft, pg = self.policy_logprobs(batch, rollouts)
         sft_loss, token_nll = self.reduce_sft_loss(sft.sums(), sft.counts())
         loss = sft_loss
         self.log_dict({"train/sft_loss": token_nll, "train/ppl": token_nll.exp()}, prog_bar=True)
+        if rollouts is None and self.value_head is not None:
+            loss = loss + 0.0 * self.value_head().sum()  # warm-up: DDP/FSDP expect every parameter in the graph
 
         if rollouts is not None:
             rewards, costs, valid = self.score(batch, rollouts)
@@ -202,7 +211,12 @@ class L3MModule(L.LightningModule):
         # μ decays per optimiser step (not per batch, so gradient accumulation does not speed it
         # up), and before checkpoint callbacks run, so a checkpoint holds the μ of its step.
         super().optimizer_step(*args, **kwargs)
-        self.mu_schedule.step()
+        if self.constraints_active():
+            self.mu_schedule.step()
+
+    def constraints_active(self) -> bool:
+        """Constraints shape this step: there are some, and ``constraint_warmup_steps`` have passed."""
+        return bool(self.constraints) and self.global_step >= self.hparams.constraint_warmup_steps
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
         """Clip by norm under FSDP1 too (``trainer.gradient_clip_val``, the paper's setting).

@@ -29,13 +29,20 @@ class TokenValueHead(torch.nn.Module):
     def __init__(self, hidden_size: int, num_constraints: int, max_new_tokens: int, width: int = 0) -> None:
         super().__init__()
         self.max_new_tokens = max_new_tokens
-        self.body = torch.nn.Sequential(torch.nn.Linear(hidden_size + 1, width), torch.nn.GELU()) if width else torch.nn.Identity()
-        self.linear = torch.nn.Linear(width or hidden_size + 1, num_constraints)
+        self.num_features = hidden_size + 1  # the policy's last hidden state and the token's position
+        self.body = torch.nn.Sequential(torch.nn.Linear(self.num_features, width), torch.nn.GELU()) if width else torch.nn.Identity()
+        self.linear = torch.nn.Linear(width or self.num_features, num_constraints)
         torch.nn.init.zeros_(self.linear.weight)  # V = 0 at the start: exactly the leave-one-out estimator
         torch.nn.init.zeros_(self.linear.bias)
 
-    def forward(self, tokens: TokenLogprobs) -> torch.Tensor:
-        """V for every scored token ``[k, M]``: the state it was sampled from and its position."""
+    def forward(self, tokens: TokenLogprobs | None = None) -> torch.Tensor:
+        """V for every scored token ``[k, M]``: the state it was sampled from and its position.
+
+        ``None``: V of one all-zero feature row, for steps without samples (constraint warm-up) —
+        ``0 · head()`` keeps the head in the graph, as DDP and FSDP expect of every parameter.
+        """
+        if tokens is None:
+            return self.linear(self.body(self.linear.weight.new_zeros(1, self.num_features))).T
         position = tokens.positions().to(self.linear.weight.dtype) / self.max_new_tokens
         features = torch.cat([tokens.hidden.detach().to(self.linear.weight.dtype), position.unsqueeze(1)], dim=1)
         return self.linear(self.body(features)).T

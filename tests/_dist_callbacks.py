@@ -45,8 +45,11 @@ class LambdaDump(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._mu = pl_module.mu_schedule.mu  # μ decays in optimizer_step, i.e. before batch end
+        self._active = pl_module.constraints_active()  # false during model.constraint_warmup_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._active:
+            return
         stats = pl_module.last_constraint_stats
         self.records.append({
             "step": trainer.global_step,

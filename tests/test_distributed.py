@@ -165,6 +165,15 @@ def test_fsdp2_checkpoint_holds_the_trained_value_head(fsdp2_run):
     assert weight.shape == (2, 33) and weight.abs().sum() > 0  # 2 constraints; hidden 32 + position; moved off its zero init
 
 
+def test_ddp_constraint_warmup_with_a_value_head(tmp_path):
+    """Warm-up steps leave the value head unused; DDP (no ``find_unused_parameters``) must still reduce it."""
+    _fit(tmp_path, "ddp", "--trainer.max_steps", "4", "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump"),
+         "--model.value_baseline", "true", "--model.constraint_warmup_steps", "2")
+    rank0, rank1 = _dumps(tmp_path / "dump")
+    assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == [3, 4]  # constrained from the third step
+    assert rank0[0]["mu"] == 1.0  # the μ schedule starts when the constraints do
+
+
 def test_one_process_fsdp2_exports_a_loadable_model(tmp_path):
     """One rank still holds DTensors: the export must gather them, not save the model's own state dict."""
     from transformers import AutoModelForCausalLM

@@ -88,6 +88,7 @@ def test_nan_reward_fails_the_step_naming_constraint_and_sample(batch):
     ("sft_loss_reduction", "mean", "model.sft_loss_reduction must be 'token' or 'sequence'"),
     ("gae_lambda", 1.2, r"model.gae_lambda must be in \[0, 1\]"),
     ("gae_lambda", 0.9, "model.gae_lambda=0.9 needs model.value_baseline: true"),
+    ("constraint_warmup_steps", -1, "model.constraint_warmup_steps must be >= 0"),
 ])
 def test_bad_hyperparameters_fail_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -253,3 +254,28 @@ def test_clipping_without_fsdp_is_lightnings(batch):
     with mock.patch.object(module, "clip_gradients") as clip:
         module.configure_gradient_clipping("opt", gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     clip.assert_called_once_with("opt", 1.0, "norm")
+
+
+def test_constraint_warmup_is_plain_sft_then_the_barrier_switches_on(batch):
+    """Before ``constraint_warmup_steps`` no sampling and μ stays put; from then on the constrained step as usual."""
+    module = _module(constraints=[{"name": "length", "threshold": 2, "scale": 4}], num_samples=2,
+                     value_baseline=True, constraint_warmup_steps=3, mu_start=0.5, mu_decay=0.5, mu_decay_every=1)
+    step = mock.PropertyMock(return_value=2)
+    with mock.patch.object(L3MModule, "global_step", step), \
+            mock.patch.object(module, "sample", side_effect=AssertionError("warm-up must not sample")), \
+            mock.patch("lightning.pytorch.LightningModule.optimizer_step"):
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        module.optimizer_step()
+    torch.testing.assert_close(loss, module.sft_loss(batch)[0])
+    assert module.value_head.linear.weight.grad is not None  # in the graph (DDP), with a zero gradient
+    assert module.value_head.linear.weight.grad.abs().sum() == 0
+    assert module.mu_schedule.mu == 0.5 and module.mu_schedule.steps == 0
+
+    step.return_value = 3
+    with mock.patch.object(L3MModule, "global_step", step), mock.patch("lightning.pytorch.LightningModule.optimizer_step"):
+        torch.manual_seed(0)
+        constrained = module.training_step(batch, 1)
+        module.optimizer_step()
+    assert not torch.allclose(constrained, module.sft_loss(batch)[0])
+    assert module.mu_schedule.mu == 0.25 and module.mu_schedule.steps == 1
