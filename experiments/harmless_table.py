@@ -170,6 +170,7 @@ def run(name: str, args: argparse.Namespace, data_dir: Path) -> dict:
         "--model.num_samples", str(args.num_samples),
         "--model.max_new_tokens", str(args.max_new_tokens),
         "--model.learning_rate", str(args.learning_rate),
+        "--model.constraint_warmup_steps", "0", "--model.mu_floor", "0.1",  # as measured: no warm-up, μ floor 0.1
         "--model.export_dir", "",
         "--data.dataset", str(data_dir),
         "--data.train_split", "train",

@@ -74,8 +74,10 @@ def cli_args(spec: dict[str, Any], runs: Path) -> list[str]:
         "--model.export_dir", "",
         "--model.constraints", json.dumps([constraint]),
         "--model.method", spec["method"],
-        # the recorded comparison and sweep tables were measured before the value baseline existed
+        # the recorded comparison and sweep tables were measured before the value baseline and the
+        # constraint warm-up existed (a 150-step run would end inside the config's 200-step warm-up)
         "--model.value_baseline", "false", "--model.eval_num_samples", "1",
+        "--model.constraint_warmup_steps", "0", "--model.mu_floor", "0.1",
     ]
     if spec["method"] == "lagrangian":
         args += ["--model.dual_lr", str(spec["dual_lr"])]
