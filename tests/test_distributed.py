@@ -180,7 +180,8 @@ def test_one_process_fsdp2_exports_a_loadable_model(tmp_path):
 
     one_rank = FSDP2.replace("data_parallel_size: 2", "data_parallel_size: 1")
     _fit(tmp_path, one_rank, "--trainer.max_steps", "2", "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump"),
-         "--model.value_baseline", "true", devices=1)
+         "--model.value_baseline", "true", "--model.constraint_warmup_steps", "1", devices=1)  # the head's warm-up call, sharded
+    assert [r["step"] for r in json.loads((tmp_path / "dump" / "rank0.json").read_text())] == [2]  # step 1 was warm-up
     export = tmp_path / "runs" / "quickstart" / "version_0" / "hf_model"
     model = AutoModelForCausalLM.from_pretrained(export)
     state = model.state_dict()
