@@ -4,16 +4,17 @@
 #   throughput  a short L3M fit with Lightning's FSDPStrategy (FSDP1, LlamaDecoderLayer auto-wrap);
 #               prints tokens/s and model FLOPs utilisation (bench/gpu_throughput.py) and checks that
 #               the exported hf_model (full state dict gathered from the shards) loads.
-#   resume      FSDP1 with sharded checkpoints and the value baseline: fit 12 steps, resume from
-#               `last` to 18, and check from TensorBoard that the resumed steps continue the step count
-#               and the μ schedule (μ = 0.8^floor(step/4), which a reset would restart at 1).
+#   resume      FSDP1 with sharded checkpoints, the value baseline and WARMUP (default 2) steps of constraint
+#               warm-up: fit 12 steps, resume from `last` to 18, and check from TensorBoard that the resumed
+#               steps continue the step count and the μ schedule (μ = 0.8^floor((step − WARMUP)/4), which a
+#               reset would restart at 1), and that μ is logged from step WARMUP on only.
 #   fsdp2       ModelParallelStrategy + fully_shard (FSDP2) with sharded generation (micro-batched).
 # Each phase's verdict is printed as `PHASE <name>: PASS|FAIL` at the end.
 #
 #   bash bench/gpu_check.sh                       # all visible GPUs, all phases
 #   DEVICES=1 PHASES=throughput bash bench/gpu_check.sh
 #   overrides: DEVICES STEPS BATCH NUM_SAMPLES MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR PRECISION MODEL_CONFIG PHASES
-#              STRATEGY RESUME_STRATEGY FIT_TIMEOUT
+#              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
 # Measured on one H200 (2026-11-27): all phases PASS; numbers in README ("Scaling out").
 set -uo pipefail
@@ -32,6 +33,7 @@ MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
 PRECISION=${PRECISION:-bf16-mixed}
 PHASES=${PHASES:-"throughput resume fsdp2"}
 FIT_TIMEOUT=${FIT_TIMEOUT:-300}
+WARMUP=${WARMUP:-2}
 MODEL_CONFIG=${MODEL_CONFIG:-"{hidden_size: 768, intermediate_size: 3328, num_hidden_layers: 12, num_attention_heads: 12, num_key_value_heads: 12}"}
 FSDP1="{class_path: lightning.pytorch.strategies.FSDPStrategy, init_args: {auto_wrap_policy: [transformers.models.llama.modeling_llama.LlamaDecoderLayer], state_dict_type: sharded}}"
 FSDP2="{class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: {tensor_parallel_size: 1}}"
@@ -78,11 +80,12 @@ if [[ " $PHASES " == *" resume "* ]]; then
   CKPT="[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: $RES/checkpoints, save_last: true, every_n_train_steps: 6}}]"
   resume_fit() {
     fit --trainer.strategy "$RESUME_STRATEGY" --trainer.callbacks "$CKPT" --trainer.logger.init_args.save_dir "$RES" \
-      --model.value_baseline true --model.mu_decay 0.8 --model.mu_decay_every 4 --model.mu_floor 0.01 "$@"
+      --model.value_baseline true --model.mu_decay 0.8 --model.mu_decay_every 4 --model.mu_floor 0.01 \
+      --model.constraint_warmup_steps "$WARMUP" "$@"
   }
   resume_fit --trainer.max_steps 12 \
   && resume_fit --trainer.max_steps 18 --ckpt_path last \
-  && python - "$RES" <<'PY'
+  && python - "$RES" "$WARMUP" <<'PY'
 import glob, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 runs = sorted(glob.glob(f"{sys.argv[1]}/quickstart/version_*"))
@@ -92,12 +95,14 @@ for run in runs:
     acc = EventAccumulator(run); acc.Reload()
     mu[run] = {e.step: e.value for e in acc.Scalars("barrier/mu")}
 first, resumed = mu[runs[0]], mu[runs[1]]
+warmup = int(sys.argv[2])
 print("first run steps", min(first), "..", max(first), " resumed run steps", min(resumed), "..", max(resumed))
+assert min(first) == warmup, f"μ logged from step {min(first)}, expected from the end of the warm-up ({warmup})"
 assert max(first) <= 12 and min(resumed) >= 12 and max(resumed) >= 17, (sorted(first), sorted(resumed))
 for step, value in sorted(resumed.items()):
-    expected = 0.8 ** (step // 4)
+    expected = 0.8 ** ((step - warmup) // 4)
     assert abs(value - expected) < 1e-4 * expected + 1e-6, (step, value, expected)
-print("resumed mu", {s: round(v, 4) for s, v in sorted(resumed.items())}, "matches 0.8^floor(step/4)")
+print("resumed mu", {s: round(v, 4) for s, v in sorted(resumed.items())}, f"matches 0.8^floor((step - {warmup})/4)")
 PY
   [[ $? == 0 ]] && VERDICT[resume]=PASS || VERDICT[resume]=FAIL
 fi
