@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,7 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"sft": None, "length-concise": ("at_most", 10.0), "length-verbose": ("at_least", 30.0)}
 
 
-def run(name: str, max_steps: int, eval_rows: int, out: Path, seed: int = 0, overrides: list[str] = ()) -> dict:
+def config_override(item: str) -> str:
+    """``--override`` values must be KEY=VALUE (e.g. model.mu_floor=0.1)."""
+    if "=" not in item or not item.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"--override expects KEY=VALUE such as model.mu_floor=0.1, got {item!r}")
+    return item
+
+
+def run(name: str, max_steps: int, eval_rows: int, out: Path, seed: int = 0, overrides: Sequence[str] = ()) -> dict:
     args = [
         "fit",
         "--config", str(ROOT / "configs" / f"{name}.yaml"),
@@ -75,7 +83,7 @@ def main_cli() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     parser.add_argument("--parallel", action="store_true", help="one process per run, one thread each")
     parser.add_argument("--seed", type=int, default=0, help="seed_everything (model init, sampling); results go to length_table_seed<N>.json if not 0")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", type=config_override,
                         help="a config override for the constrained runs, e.g. model.constraint_warmup_steps=100 (repeatable)")
     parser.add_argument("--row-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

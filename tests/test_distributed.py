@@ -171,7 +171,7 @@ def test_ddp_constraint_warmup_with_a_value_head(tmp_path):
          "--model.value_baseline", "true", "--model.constraint_warmup_steps", "2")
     rank0, rank1 = _dumps(tmp_path / "dump")
     assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == [3, 4]  # constrained from the third step
-    assert rank0[0]["mu"] == 1.0  # the μ schedule starts when the constraints do
+    assert [r["mu"] for r in rank0] == [1.0, 0.5]  # the μ schedule starts when the constraints do (decay 0.5 per step)
 
 
 def test_one_process_fsdp2_exports_a_loadable_model(tmp_path):
