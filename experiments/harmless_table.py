@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 from l3m_lightning.cli import main  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runlib import run_children  # noqa: E402
+from runlib import PRE_WARMUP_BARRIER, run_children  # noqa: E402
 
 DEFAULT_HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 DEFAULT_RM = ROOT / "runs" / "rm-harmless" / "version_1" / "hf_model"
@@ -170,7 +170,7 @@ def run(name: str, args: argparse.Namespace, data_dir: Path) -> dict:
         "--model.num_samples", str(args.num_samples),
         "--model.max_new_tokens", str(args.max_new_tokens),
         "--model.learning_rate", str(args.learning_rate),
-        "--model.constraint_warmup_steps", "0", "--model.mu_floor", "0.1",  # as measured: no warm-up, μ floor 0.1
+        *PRE_WARMUP_BARRIER,  # as measured
         "--model.export_dir", "",
         "--data.dataset", str(data_dir),
         "--data.train_split", "train",

@@ -52,7 +52,7 @@ def run(name: str, max_steps: int, eval_rows: int, out: Path, seed: int = 0, ove
         "--model.export_dir", "",
     ]
     if RUNS[name] is not None:  # KEY=VALUE → --KEY VALUE, for the constrained runs only
-        args += [part for item in overrides for part in ("--" + item.split("=", 1)[0], item.split("=", 1)[1])]
+        args += [part for key, value in (item.split("=", 1) for item in overrides) for part in (f"--{key}", value)]
     # a fresh run each time: left-over checkpoints would make Lightning write last-v1.ckpt, … beside a stale last.ckpt
     shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
     start = time.time()

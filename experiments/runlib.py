@@ -29,6 +29,10 @@ RESULTS = ROOT / "experiments" / "results"
 RUNS = RESULTS / "runs"
 CONFIG = ROOT / "configs" / "length-concise.yaml"
 SCALE = 10.0  # the length constraint's scale in length-concise.yaml, kept for every threshold
+# The barrier settings the recorded comparison, sweep and harmlessness tables were measured with, before
+# the length configs gained a 200-step constraint warm-up and a μ floor of 0.15 (a 150-step run would
+# end inside that warm-up).
+PRE_WARMUP_BARRIER = ["--model.constraint_warmup_steps", "0", "--model.mu_floor", "0.1"]
 
 LAMBDA, VALUE, SATISFIED, MU, LENGTH = (
     "constraints/length/lambda", "constraints/length/value", "constraints/length/satisfied", "barrier/mu",
@@ -74,10 +78,9 @@ def cli_args(spec: dict[str, Any], runs: Path) -> list[str]:
         "--model.export_dir", "",
         "--model.constraints", json.dumps([constraint]),
         "--model.method", spec["method"],
-        # the recorded comparison and sweep tables were measured before the value baseline and the
-        # constraint warm-up existed (a 150-step run would end inside the config's 200-step warm-up)
+        # the recorded comparison and sweep tables were measured before the value baseline existed
         "--model.value_baseline", "false", "--model.eval_num_samples", "1",
-        "--model.constraint_warmup_steps", "0", "--model.mu_floor", "0.1",
+        *PRE_WARMUP_BARRIER,
     ]
     if spec["method"] == "lagrangian":
         args += ["--model.dual_lr", str(spec["dual_lr"])]

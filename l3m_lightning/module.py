@@ -186,8 +186,6 @@ class L3MModule(L.LightningModule):
         sft_loss, token_nll = self.reduce_sft_loss(sft.sums(), sft.counts())
         loss = sft_loss
         self.log_dict({"train/sft_loss": token_nll, "train/ppl": token_nll.exp()}, prog_bar=True)
-        if rollouts is None and self.value_head is not None:
-            loss = loss + 0.0 * self.value_head().sum()  # warm-up: DDP/FSDP expect every parameter in the graph
 
         if rollouts is not None:
             rewards, costs, valid = self.score(batch, rollouts)
@@ -205,6 +203,8 @@ class L3MModule(L.LightningModule):
             if self.constraint_ema.decay:
                 self.log_dict({f"constraints/{c.name}/value_ema": smoothed[i].float() for i, c in enumerate(self.constraints)})
             self.maybe_log_samples(batch, rollouts)
+        elif self.value_head is not None:  # constraint warm-up: DDP/FSDP expect every parameter in the graph
+            loss = loss + 0.0 * self.value_head().sum()
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
