@@ -35,7 +35,7 @@ from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, polic
 from l3m_lightning.multipliers import MultiplierRule
 from l3m_lightning.outputs import resolve_export_dir, save_pretrained_atomically
 from l3m_lightning.packing import TokenLogprobs, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs
-from l3m_lightning.policy import EMBEDDED, apply_lora, load_policy, load_tokenizer
+from l3m_lightning.policy import EMBEDDED, apply_lora, load_policy, load_tokenizer, stop_token_ids
 from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
 from l3m_lightning.sampling import Rollouts, sample_rollouts
 from l3m_lightning.schedules import warmup_cosine
@@ -47,7 +47,9 @@ class L3MModule(L.LightningModule):
     """Constrained fine-tuning of a causal LM with the L3M relaxed log-barrier.
 
     Args:
-        model_name_or_path: ``"embedded"`` (the small offline default) or any Hugging Face causal LM.
+        model_name_or_path: ``"embedded"`` (the small offline default), any Hugging Face causal LM (hub
+            name or folder), or a ``.gguf`` file / ``pkg:<module>/<file>.gguf`` (dequantised once, cached;
+            constraints/model_source.py).
         tokenizer_name_or_path: defaults to ``model_name_or_path``.
         model_config: config overrides (for ``embedded``: its size, e.g. ``{hidden_size: 256}``).
         constraints: entries ``{name: length, threshold: 20, sense: at_most, scale: 10}`` or
@@ -166,6 +168,7 @@ class L3MModule(L.LightningModule):
         self.multiplier_rule = MultiplierRule(method, len(self.constraints), dual_lr, dual_init, penalty_weights)
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path)
         self.model = load_policy(model_name_or_path, self.tokenizer, model_config, torch_dtype, seed=init_seed)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.model)  # sampling ends a response at any of these
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if lora is not None:
@@ -178,6 +181,7 @@ class L3MModule(L.LightningModule):
         self._packing_ok: bool | None = None  # fused_forward: does the model honour packed position ids?
         # Held-out samples' values, gathered across ranks at epoch end (means and confidence intervals).
         self.eval_values = torch.nn.ModuleDict({key: CatMetric() for key in self._eval_metric_keys()})
+        self.eval_samples: list[dict[str, Any]] = []  # a few held-out responses for report.md
 
     # --- the training step ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -298,7 +302,7 @@ class L3MModule(L.LightningModule):
                 batch["prompt_attention_mask"],
                 num_samples=num_samples,
                 max_new_tokens=hp.max_new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=self.stop_token_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
                 temperature=hp.temperature,
                 top_k=hp.top_k,
@@ -367,7 +371,7 @@ class L3MModule(L.LightningModule):
 
     # --- held-out evaluation --------------------------------------------------------------------
     def _eval_metric_keys(self) -> list[str]:
-        keys = ["length"] + [f"{c.name}__{kind}" for c in self.constraints for kind in ("cost", "reward")]
+        keys = ["length", "response_length", "finished"] + [f"{c.name}__{kind}" for c in self.constraints for kind in ("cost", "reward")]
         return keys  # ModuleDict keys cannot contain '.' or '/'
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
@@ -379,6 +383,9 @@ class L3MModule(L.LightningModule):
         rollouts = self.sample(batch, num_samples=k)
         lengths = torch.tensor([float(len(ids)) for ids in rollouts.completion_ids], device=self.device)
         self.eval_values["length"].update(lengths.view(-1, k).mean(dim=1))
+        self.eval_values["response_length"].update(lengths)  # the distribution, one value per response
+        self.eval_values["finished"].update(rollouts.finished.float())  # ended at a stop token, not at max_new_tokens
+        self.keep_eval_samples(batch, rollouts)
         if self.constraints:
             rewards, costs, valid = self.score(batch, rollouts)
             for i, c in enumerate(self.constraints):
@@ -388,6 +395,17 @@ class L3MModule(L.LightningModule):
                     for key, values in ((f"{c.name}__cost", costs[i]), (f"{c.name}__reward", rewards[i])):
                         per_prompt = torch.where(valid[i], values, 0.0).view(-1, k).sum(dim=1) / counts.clamp(min=1)
                         self.eval_values[key].update(per_prompt[counts > 0].float())
+
+    def keep_eval_samples(self, batch: dict[str, Any], rollouts: Rollouts, max_rows: int = 6) -> None:
+        """The first few held-out (prompt, response) pairs on rank 0, for the report: numbers need reading beside answers."""
+        if len(self.eval_samples) >= max_rows or (self._trainer is not None and not self.trainer.is_global_zero):
+            return
+        for j in range(0, len(rollouts.completion_ids), rollouts.group_size):  # the first sample of each prompt
+            if len(self.eval_samples) < max_rows:
+                self.eval_samples.append({
+                    "prompt": batch["prompts"][int(rollouts.prompt_index[j])],
+                    "response": self.tokenizer.decode(rollouts.completion_ids[j], skip_special_tokens=True),
+                    "num_tokens": len(rollouts.completion_ids[j]), "finished": bool(rollouts.finished[j])})
 
     def _eval_epoch_end(self, prefix: str) -> None:
         """Log held-out ppl and per-constraint mean ± 95% CI; stand-alone validate/test also write report.json/.md."""
@@ -401,7 +419,11 @@ class L3MModule(L.LightningModule):
             metric.reset()
         if values["length"].numel():
             report["mean_length"] = mean_confidence_interval(values["length"])
+            report["finished_fraction"] = values["finished"].mean().item()
+            report["response_lengths"] = values["response_length"].int().tolist()
+            report["samples"], self.eval_samples = self.eval_samples, []
             self.log(f"{prefix}/completions/mean_length", report["mean_length"]["mean"])
+            self.log(f"{prefix}/completions/finished_fraction", report["finished_fraction"])
         report["constraints"] = []
         for c in self.constraints:
             if not values[f"{c.name}__cost"].numel():

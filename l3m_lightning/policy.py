@@ -1,8 +1,10 @@
 """Load the policy and its tokenizer: the embedded default, or any Hugging Face causal LM.
 
 ``"embedded"`` builds the project's small offline model; anything else is passed to
-``AutoModelForCausalLM`` / ``AutoTokenizer`` (a hub name or a local ``save_pretrained`` folder),
-so both paths end in the same objects and the rest of the library cannot tell them apart.
+``AutoModelForCausalLM`` / ``AutoTokenizer`` after ``constraints.model_source.resolve_model_path``
+(a hub name, a local ``save_pretrained`` folder, ``pkg:<module>/<file>``, or a ``.gguf`` file,
+dequantised once and cached as a plain folder), so every path ends in the same objects and the
+rest of the library cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from constraints.model_source import resolve_model_path
 
 EMBEDDED = "embedded"
 log = logging.getLogger(__name__)
@@ -29,7 +33,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         from l3m_lightning.embedded.tokenizer import embedded_tokenizer_path
 
         name_or_path = str(embedded_tokenizer_path())
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer '{name_or_path}' has no eos_token; set one so sampling can stop")
     if tokenizer.pad_token_id is None:
@@ -47,15 +51,50 @@ def load_policy(
     torch_dtype: str | None = None,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """The causal LM to fine-tune. ``model_config`` sizes the embedded model or overrides a real one's config."""
+    """The causal LM to fine-tune, in train mode. ``model_config`` sizes the embedded model or overrides a real one's config.
+
+    ``from_pretrained`` returns a model in eval mode; Lightning keeps submodules' modes as it finds
+    them, so without ``train()`` dropout would stay off for the whole fit (and Lightning warns).
+    """
     if name_or_path == EMBEDDED:
         from l3m_lightning.embedded.model import build_embedded_model
 
-        return build_embedded_model(tokenizer, model_config, seed=seed)
+        return build_embedded_model(tokenizer, model_config, seed=seed).train()
     kwargs: dict[str, Any] = dict(model_config or {})
     if torch_dtype is not None:
         kwargs["dtype"] = getattr(torch, torch_dtype)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs).train()
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
+    """Every token that ends an assistant turn: EOS, the generation config's EOS ids, and the chat template's end-of-turn.
+
+    Chat models often end a turn with a token other than the tokenizer's EOS (Llama 3's
+    ``<|eot_id|>``); sampling must stop there, or responses run on into a made-up next turn.
+    The end-of-turn token is read off the template: the first special token after the assistant's text.
+    """
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([configured] if isinstance(configured, int) else list(configured or []))
+    ids.update(template_end_of_turn_ids(tokenizer))
+    return sorted(i for i in ids if i is not None)
+
+
+def template_end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special token the chat template writes right after an assistant message (empty if none)."""
+    marker = "l3m end of turn marker"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that needs other roles or fields: fall back to EOS alone
+        return []
+    tail = text[text.rfind(marker) + len(marker) :] if marker in text else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return [token_id]
+    return []
 
 
 def apply_lora(model: PreTrainedModel, lora: dict[str, Any]) -> PreTrainedModel:

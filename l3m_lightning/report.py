@@ -56,6 +56,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     if "mean_length" in report:
         m = report["mean_length"]
         lines.append(f"- mean response length: {m['mean']:.2f} tokens (95% CI {m['low']:.2f} – {m['high']:.2f}, n={m['n']})")
+    if "finished_fraction" in report:
+        lines.append(f"- responses that ended with a stop token (not cut at max_new_tokens): {100 * report['finished_fraction']:.1f}%")
     if report.get("constraints"):
         lines += ["", "| constraint | requirement | mean reward | 95% CI | holds | holds (95%) |", "| --- | --- | --- | --- | --- | --- |"]
         for row in report["constraints"]:
@@ -64,6 +66,11 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"| {row['constraint']} | {row['requirement']} | {r['mean']:.4g} | {r['low']:.4g} – {r['high']:.4g} "
                 f"| {'yes' if row['holds'] else 'no'} | {'yes' if row['holds_with_95_confidence'] else 'no'} |"
             )
+    for i, sample in enumerate(report.get("samples") or []):
+        if i == 0:
+            lines += ["", "## Samples", ""]
+        ending = "" if sample["finished"] else ", cut at max_new_tokens"
+        lines += [f"**prompt:** {sample['prompt']}", "", f"**response ({sample['num_tokens']} tokens{ending}):** {sample['response']}", "", "---", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ def sample_rollouts(
     prompt_attention_mask: torch.Tensor,
     num_samples: int,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | list[int],
     pad_token_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -54,6 +54,9 @@ def sample_rollouts(
     required when parameters are sharded (FSDP1/FSDP2), where each forward all-gathers parameters
     collectively and a rank that stopped early would leave the others waiting. ``None`` lets
     transformers decide (it only recognises models it wrapped itself).
+
+    ``eos_token_id`` may list several stop tokens (the tokenizer's EOS and the chat template's
+    end-of-turn token, ``policy.stop_token_ids``): a row stops at the first of any of them.
     """
     config = GenerationConfig(
         do_sample=do_sample,
@@ -86,13 +89,18 @@ def pack_rollouts(
     prompt_attention_mask: torch.Tensor,
     new_tokens: torch.Tensor,
     num_samples: int,
-    eos_token_id: int,
+    eos_token_id: int | list[int],
     pad_token_id: int,
 ) -> Rollouts:
-    """Cut each sample at its first EOS and lay prompt + response out right-padded."""
+    """Cut each sample at its first stop token and lay prompt + response out right-padded.
+
+    The stop token stays in the response's labels (its log-probability is what ending costs),
+    also when it is the pad token, as for tokenizers whose pad is their EOS.
+    """
     n = new_tokens.shape[0]
     prompt_index = torch.arange(n, device=new_tokens.device) // num_samples
-    is_eos = new_tokens == eos_token_id
+    stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=new_tokens.device)
+    is_eos = torch.isin(new_tokens, stop_ids)
     finished = is_eos.any(dim=1)
     first_eos = torch.where(finished, is_eos.int().argmax(dim=1), torch.full_like(finished, new_tokens.shape[1], dtype=torch.long))
     response_len = torch.where(finished, first_eos + 1, first_eos)  # EOS is part of the response when present
