@@ -1,6 +1,6 @@
 """Constraint plugins: the base class, the built-ins and the registry configs name them through."""
 
-from constraints.base import SENSES, Constraint, ConstraintError
+from constraints.base import SENSES, ConfigError, Constraint, ConstraintError
 from constraints.length import LengthConstraint
 from constraints.registry import (
     CONSTRAINTS,
@@ -16,6 +16,7 @@ from constraints.reward_model import HarmlessnessConstraint, HelpfulnessConstrai
 
 __all__ = [
     "CONSTRAINTS",
+    "ConfigError",
     "ENTRY_POINT_GROUP",
     "SENSES",
     "Constraint",

@@ -22,6 +22,20 @@ class ConstraintError(ValueError):
     """
 
 
+class ConfigError(ValueError):
+    """A mistake the user fixes in the config, the data or the folders it names, not a bug in the code.
+
+    Raised by our own checks (a missing file, a malformed data row, a folder that cannot be
+    written, a model that needs custom code); the command line prints its message as one line and
+    exits with status 2 (``l3m_lightning.errors``). A ``ValueError``, so ``except ValueError`` still
+    catches it. It lives here, in the bottom layer, because constraints and model loading raise it too.
+    """
+
+
+class ConstraintConfigError(ConstraintError, ConfigError):
+    """A constraint that cannot start (its reward model will not load): both a ``ConstraintError`` and a ``ConfigError``."""
+
+
 SENSES = ("at_most", "at_least")
 
 

@@ -30,6 +30,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from constraints.base import ConfigError
+
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "pkg:"
@@ -49,6 +51,91 @@ def resolve_model_path(name_or_path: str) -> str:
         path = resolve_package_path(path)
     if path.lower().endswith(GGUF_SUFFIX):
         return str(gguf_as_hf_folder(Path(path).expanduser()))
+    return path
+
+
+def looks_like_local_path(name: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether ``name`` was meant as a local file or folder rather than a hub id (``name`` or ``org/name``).
+
+    Absolute, ``./``/``../``/``~`` paths, anything with more than one ``/``, ``first/second`` whose
+    ``first`` is a folder here (``runs/x``), and names ending in one of ``suffixes`` (``train.jsonl``).
+    A missing one is then reported as a missing path, not as transformers' "Repo id must be in the form ...".
+    """
+    if not isinstance(name, str) or not name or name.startswith(PACKAGE_PREFIX):
+        return False
+    if name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name in (".", ".."):
+        return True
+    parts = name.split("/")
+    if len(parts) > 2 or (len(parts) == 2 and (not parts[0] or Path(parts[0]).is_dir())):
+        return True
+    return any(name.lower().endswith(s) for s in suffixes)
+
+
+def check_path_exists(name: str, option: str, suffixes: tuple[str, ...] = (GGUF_SUFFIX,)) -> None:
+    """A local-looking ``name`` that does not exist fails now, in one line naming ``option``."""
+    if looks_like_local_path(name, suffixes) and not Path(name).expanduser().exists():
+        raise ConfigError(f"{option}: no such file or folder: {name}")
+
+
+#: Files whose ``auto_map`` makes ``from_pretrained`` import Python code shipped with the weights.
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def custom_code_entries(source: str) -> dict[str, list[str]]:
+    """``{file: [Auto classes]}`` for each of ``REMOTE_CODE_FILES`` in ``source`` that has an ``auto_map``.
+
+    ``source`` is a local folder, or a hub name whose files are read from the cache (downloaded
+    there if need be, as ``from_pretrained`` would). A file that cannot be read counts as absent.
+    """
+    found: dict[str, list[str]] = {}
+    folder = Path(source).expanduser()
+    for name in REMOTE_CODE_FILES:
+        file: Path | None = folder / name if folder.is_dir() else _hub_file(source, name)
+        if file is None or not file.is_file():
+            continue
+        try:
+            auto_map = json.loads(file.read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            found[name] = sorted(auto_map) if isinstance(auto_map, dict) else [str(auto_map)]
+    return found
+
+
+def _hub_file(repo_id: str, filename: str) -> Path | None:
+    """``filename`` of hub repo ``repo_id`` via the cache (or a download), or None if there is none."""
+    if looks_like_local_path(repo_id):
+        return None
+    try:
+        from transformers.utils import cached_file
+
+        path = cached_file(repo_id, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, _raise_exceptions_for_gated_repo=False)
+    except Exception:  # offline, unknown repo, gated: from_pretrained will say so itself
+        return None
+    return Path(path) if path else None
+
+
+def check_no_custom_code(source: str, option: str, trust_remote_code: bool, allow_key: str) -> None:
+    """Refuse, in one line, a model or tokenizer that would run Python code from its folder unless ``allow_key`` is true.
+
+    Checked before ``from_pretrained`` (which is also given ``trust_remote_code`` explicitly): with
+    it unset, transformers asks "Do you wish to run the custom code? [y/N]" on a terminal and waits;
+    with it false, it silently swaps in its own class when it has one. Neither belongs in a training job.
+    """
+    if trust_remote_code:
+        return
+    entries = custom_code_entries(source)
+    if entries:
+        where = "; ".join(f"{file} auto_map: {', '.join(names)}" for file, names in entries.items())
+        raise ConfigError(f"{option}: {source} needs custom code ({where}), which is not run unless you set {allow_key}: true")
+
+
+def pretrained_source(name_or_path: str, option: str, trust_remote_code: bool = False, allow_key: str = "model.trust_remote_code") -> str:
+    """What to give ``from_pretrained`` for ``name_or_path``, checked first: it exists if it is a local path, and needs no custom code unless allowed."""
+    check_path_exists(name_or_path, option)
+    path = resolve_model_path(name_or_path)
+    check_no_custom_code(path, option, trust_remote_code, allow_key)
     return path
 
 
@@ -132,8 +219,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
     # the loaded model keeps a quantization_config and refuses save_pretrained: rebuild it plain
     config = loaded.config
     if hasattr(config, "quantization_config"):

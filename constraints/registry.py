@@ -115,9 +115,24 @@ def build_constraint(spec: dict[str, Any] | Constraint) -> Constraint:
         raise TypeError(f"constraint {cls.__name__}: {err}") from None
 
 
-def build_constraints(specs: list[dict[str, Any] | Constraint] | None) -> list[Constraint]:
-    """Build all constraints; their names must be unique (they key logs and checkpoints)."""
-    built = [build_constraint(s) for s in specs or []]
+def build_constraints(specs: list[dict[str, Any] | Constraint] | None, where: str | None = None) -> list[Constraint]:
+    """Build all constraints; their names must be unique (they key logs and checkpoints).
+
+    ``where`` (e.g. ``"model.constraints"``) prefixes an entry's error with its config key,
+    ``model.constraints[1]: constraint 'length': scale is required ...``, keeping the error's type.
+    """
+    built = []
+    for i, spec in enumerate(specs or []):
+        try:
+            built.append(build_constraint(spec))
+        except (ValueError, TypeError) as err:
+            if where is None:
+                raise
+            try:
+                prefixed = type(err)(f"{where}[{i}]: {err}")
+            except Exception:  # an exception class that takes other arguments: keep it as it is
+                raise err from None
+            raise prefixed from err
     names = [c.name for c in built]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -28,8 +28,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from constraints.base import Constraint, ConstraintError, Sense, _is_finite_number
-from constraints.model_source import PACKAGE_PREFIX, resolve_model_path  # noqa: F401  (re-exported)
+from constraints.base import ConfigError, Constraint, ConstraintConfigError, ConstraintError, Sense, _is_finite_number
+from constraints.model_source import PACKAGE_PREFIX, check_no_custom_code, pretrained_source, resolve_model_path  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,13 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {number} is not valid JSON: {err}") from None
+                    raise ConfigError(f"{path}: line {number} is not valid JSON: {err}") from None
         return rows
     from datasets import load_dataset
 
     builders = {".csv": "csv", ".parquet": "parquet"}
     if kind not in builders:
-        raise ValueError(f"{path}: unsupported file type {''.join(path.suffixes)!r}; expected .json, .jsonl (optionally .gz), .csv or .parquet")
+        raise ConfigError(f"{path}: unsupported file type {''.join(path.suffixes)!r}; expected .json, .jsonl (optionally .gz), .csv or .parquet")
     return list(load_dataset(builders[kind], data_files=str(path), split="train"))
 
 
@@ -143,6 +143,9 @@ class RewardModelConstraint(Constraint):
             The result is kept in ``state_dict()``, so a resumed run reuses it.
         dtype: e.g. ``bfloat16`` for a large RM on GPU; default the checkpoint's.
         model_kwargs: more keyword arguments for ``from_pretrained``.
+        trust_remote_code: allow an RM or tokenizer folder whose ``auto_map`` names Python code shipped
+            with it. Default false: such a folder fails in one line — at once for a local folder, at
+            load for a hub name — and nothing from it is imported.
     """
 
     registry_name = "reward_model"
@@ -169,6 +172,7 @@ class RewardModelConstraint(Constraint):
         dtype: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         on_invalid: Literal["error", "drop"] = "error",
+        trust_remote_code: bool = False,
     ) -> None:
         where = f"constraint '{name or self.registry_name}'"
         if calibration is not None and calibration_file is not None:
@@ -202,6 +206,12 @@ class RewardModelConstraint(Constraint):
         if calibration_file is not None and not Path(calibration_file).expanduser().is_file():
             raise ValueError(f"{where}: calibration_file '{calibration_file}' does not exist")
         self.dtype, self.model_kwargs = dtype, dict(model_kwargs or {})
+        if "trust_remote_code" in self.model_kwargs:
+            raise ValueError(f"{where}: model_kwargs cannot hold trust_remote_code; set trust_remote_code on the constraint instead")
+        self.trust_remote_code = bool(trust_remote_code)
+        for option, source in (("model_name_or_path", self.model_name_or_path), ("tokenizer_name_or_path", tokenizer_name_or_path)):
+            if isinstance(source, str) and Path(source).expanduser().is_dir():  # a local folder: refuse custom code now, not at setup
+                check_no_custom_code(source, f"{where}: {option}", self.trust_remote_code, "trust_remote_code")
         self.device = torch.device("cpu")
         self.model: Any = None
         self.tokenizer: Any = None
@@ -214,8 +224,13 @@ class RewardModelConstraint(Constraint):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         where = f"constraint '{self.name}'"
-        path = resolve_model_path(self.model_name_or_path)
-        tokenizer_path = resolve_model_path(self.tokenizer_name_or_path or self.model_name_or_path)
+        try:
+            path = pretrained_source(self.model_name_or_path, "model_name_or_path", self.trust_remote_code, "trust_remote_code")
+            tokenizer_option = "tokenizer_name_or_path" if self.tokenizer_name_or_path else "model_name_or_path"
+            tokenizer_path = pretrained_source(self.tokenizer_name_or_path or self.model_name_or_path, tokenizer_option,
+                                               self.trust_remote_code, "trust_remote_code")
+        except ConfigError as err:
+            raise ConstraintConfigError(f"{where}: could not load reward model: {err}") from None
         kwargs = dict(self.model_kwargs)
         if self.dtype is not None:
             if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
@@ -223,10 +238,11 @@ class RewardModelConstraint(Constraint):
             kwargs["dtype"] = getattr(torch, self.dtype)
         _register_l3m_model_types(path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=self.trust_remote_code)
+            model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=self.trust_remote_code, **kwargs)
         except (OSError, ValueError) as err:
-            raise ConstraintError(f"{where}: could not load reward model '{self.model_name_or_path}': {err}") from err
+            message = " ".join(str(err).split())[:300]
+            raise ConstraintConfigError(f"{where}: could not load reward model '{self.model_name_or_path}': {message}") from err
         self._resolve_format(path)
         tokenizer.truncation_side = self.truncation_side
         if tokenizer.pad_token is None:  # GPT-2-style RMs ship without one
@@ -270,19 +286,19 @@ class RewardModelConstraint(Constraint):
         where = f"constraint '{self.name}': calibration_file '{path}'"
         rows = load_rows(path)[:max_rows]
         if len(rows) < 2:
-            raise ValueError(f"{where}: needs at least 2 rows, has {len(rows)}")
+            raise ConstraintConfigError(f"{where}: needs at least 2 rows, has {len(rows)}")
         prompts, responses = [], []
         for i, row in enumerate(rows):
             for field in ("prompt", "response"):
                 if not isinstance(row, dict) or not isinstance(row.get(field), str):
                     got = row.get(field) if isinstance(row, dict) else row
-                    raise ValueError(f"{where}: row {i}: field '{field}' must be a string, got {got!r:.80}")
+                    raise ConstraintConfigError(f"{where}: row {i}: field '{field}' must be a string, got {got!r:.80}")
             prompts.append(row["prompt"])
             responses.append(row["response"])
         raw = self.raw_scores(prompts, responses)
         mean, std = float(raw.mean()), float(raw.std(unbiased=False))
         if not math.isfinite(std) or std < 1e-8:
-            raise ValueError(f"{where}: the raw scores have std {std:g}; cannot standardise")
+            raise ConstraintConfigError(f"{where}: the raw scores have std {std:g}; cannot standardise")
         log.info("constraint '%s': calibrated on %d rows of %s: mean %.4f, std %.4f", self.name, len(rows), path, mean, std)
         return {"mean": mean, "std": std, "rows": len(rows), "source": str(path)}
 

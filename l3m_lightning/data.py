@@ -10,16 +10,25 @@ for the constraints (``conversation_prompt_text``).
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from constraints.base import ConfigError
+from constraints.model_source import check_path_exists
+from l3m_lightning.checkpointing import ResumableRandomSampler
 from l3m_lightning.policy import EMBEDDED, load_tokenizer
 from l3m_lightning.sharegpt import is_sharegpt_source, load_sharegpt, sharegpt_messages
 
@@ -30,33 +39,49 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 OVERLONG_ROWS = ("truncate", "drop")
 #: Anthropic HH speaker names: a multi-turn prompt text reads "u1\n\nAssistant: a1\n\nHuman: u2".
 _HH_SPEAKERS = {"user": "Human", "assistant": "Assistant"}
+#: A column added at load time: each row's 0-based position in its source, carried through the
+#: seeded train/val shuffle, so an error names the file's line, not the row's place after the split.
+SOURCE_ROW = "__l3m_source_row__"
+_DATA_SUFFIXES = tuple(_FILE_BUILDERS) + tuple(f"{s}.gz" for s in _FILE_BUILDERS)
 
 
-def row_to_messages(row: dict[str, Any], index: int, prompt_column: str = "prompt", response_column: str = "response") -> list[dict[str, str]]:
-    """Validate one row and return it as chat messages ending in the assistant's response."""
-    where = f"dataset row {index}"
+def row_to_messages(row: dict[str, Any], index: int | str, prompt_column: str = "prompt", response_column: str = "response") -> list[dict[str, str]]:
+    """Validate one row and return it as chat messages ending in the assistant's response.
+
+    ``index``: where the row is, for errors — a row number, or a location such as ``"train.jsonl line 57"``.
+    A field that is null counts as absent: ``datasets`` gives every row every column any row of the
+    file has (as null), so only non-null fields are what this row actually holds.
+    """
+    where = index if isinstance(index, str) else f"dataset row {index}"
     if row.get("messages") is not None:
         messages = row["messages"]
         if not isinstance(messages, list) or len(messages) < 2:
-            raise ValueError(f"{where}: field 'messages' must be a list of at least 2 {{role, content}} turns, got {messages!r:.120}")
+            raise ConfigError(f"{where}: field 'messages' must be a list of at least 2 {{role, content}} turns, got {messages!r:.120}")
         for t, turn in enumerate(messages):
-            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
-                raise ValueError(f"{where}: field 'messages[{t}]' must be {{'role': str, 'content': str}}, got {turn!r:.120}")
+            if not isinstance(turn, dict):
+                raise ConfigError(f"{where}: field 'messages[{t}]' must be an object {{'role': str, 'content': str}}, got {turn!r:.120}")
+            for key in ("role", "content"):
+                if not isinstance(turn.get(key), str):
+                    raise ConfigError(f"{where}: field 'messages[{t}].{key}' must be a string, got {turn.get(key)!r:.120}")
         if messages[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: field 'messages' must end with an assistant turn (the reference response), ends with {messages[-1]['role']!r}")
+            raise ConfigError(f"{where}: field 'messages' must end with an assistant turn (the reference response), ends with {messages[-1]['role']!r}")
         if not messages[-1]["content"].strip():
-            raise ValueError(f"{where}: field 'messages[-1].content' (the reference response) is empty")
+            raise ConfigError(f"{where}: field 'messages[{len(messages) - 1}].content' (the reference response) is empty")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if row.get("conversations") is not None:
-        return sharegpt_messages(row["conversations"], where)
-    if prompt_column in row or response_column in row:
+        try:
+            return sharegpt_messages(row["conversations"], where)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if row.get(prompt_column) is not None or row.get(response_column) is not None:
         for column in (prompt_column, response_column):
             value = row.get(column)
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{where}: field '{column}' must be a non-empty string, got {value!r:.120}")
+                raise ConfigError(f"{where}: field '{column}' must be a non-empty string, got {value!r:.120}")
         return [{"role": "user", "content": row[prompt_column]}, {"role": "assistant", "content": row[response_column]}]
-    raise ValueError(
-        f"{where}: expected a 'messages' field or '{prompt_column}'/'{response_column}' fields, or a ShareGPT 'conversations' field, found fields {sorted(row)}"
+    found = sorted(k for k, v in row.items() if v is not None and k != SOURCE_ROW)
+    raise ConfigError(
+        f"{where}: expected a 'messages' field or '{prompt_column}'/'{response_column}' fields, or a ShareGPT 'conversations' field, found fields {found}"
     )
 
 
@@ -165,6 +190,10 @@ class ChatDataModule(L.LightningDataModule):
             system prompt (SmolLM2's) inserts it in rows without one, as in the model's own training.
             A string becomes the first turn, ``{"role": "system", "content": system_prompt}``, of every
             row without a system turn. System turns are not part of the prompt text constraints see.
+        trust_remote_code: allow a tokenizer folder with custom code; the CLI links it to ``model.trust_remote_code``.
+
+    Errors in the data name the file and its 1-based line (JSON lines, CSV) or row (JSON arrays,
+    parquet, saved or hub datasets) as it is in the source, before the train/val shuffle, and the field.
     """
 
     def __init__(
@@ -188,51 +217,89 @@ class ChatDataModule(L.LightningDataModule):
         embedded_num_prompts: int = 2000,
         overlong_rows: str = "truncate",
         system_prompt: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         check_split_and_batch(val_fraction, batch_size)
+        for key, value, least in (("max_prompt_tokens", max_prompt_tokens, 1), ("max_response_tokens", max_response_tokens, 1),
+                                  ("max_train_rows", max_train_rows, 1), ("max_val_rows", max_val_rows, 0),
+                                  ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
+            if value is not None and value < least:
+                raise ValueError(f"data.{key} must be >= {least}, got {value}")
         if overlong_rows not in OVERLONG_ROWS:
             raise ValueError(f"data.overlong_rows must be one of {OVERLONG_ROWS}, got {overlong_rows!r}")
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise ValueError(f"data.system_prompt must be a string or null, got {system_prompt!r:.120}")
+        if dataset != EMBEDDED and not is_sharegpt_source(dataset):
+            check_path_exists(dataset, "data.dataset", _DATA_SUFFIXES)  # at once, not after the model has loaded
         self.save_hyperparameters()
         self.tokenizer = None
         self.splits: dict[str, Dataset] = {}
 
     # --- loading ----------------------------------------------------------------------------
     def _load_raw(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
+        """The train split and any val/test splits, each with a ``SOURCE_ROW`` column; ``self.row_sources`` says how to name their rows."""
         hp = self.hparams
+        self.row_sources: dict[str, RowSource] = {}
         if hp.dataset == EMBEDDED:
             from l3m_lightning.embedded.dataset import generate_rows
 
-            return Dataset.from_list(generate_rows(num_prompts=hp.embedded_num_prompts, seed=hp.split_seed)), None, None
+            rows = Dataset.from_list(generate_rows(num_prompts=hp.embedded_num_prompts, seed=hp.split_seed))
+            return self._sourced(rows, "train", RowSource("the embedded dataset", total=len(rows))), None, None
         if is_sharegpt_source(hp.dataset):
-            return load_sharegpt(hp.dataset), None, None
+            try:
+                rows = load_sharegpt(hp.dataset)
+            except ValueError as err:  # sharegpt.py's one-line errors: a configuration problem, said as such
+                raise ConfigError(str(err) if str(err).startswith("data.dataset") else f"data.dataset: {err}") from None
+            return self._sourced(rows, "train", RowSource(hp.dataset, total=len(rows))), None, None
+        check_path_exists(hp.dataset, "data.dataset", _DATA_SUFFIXES)
         path = Path(hp.dataset).expanduser()
         if path.is_file():
-            return _load_file(path), None, None
-        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-            loaded = load_from_disk(str(path))
-        elif path.is_dir():
-            loaded = load_dataset(str(path))
-        else:
-            loaded = load_dataset(hp.dataset)
+            rows = _load_file(path)
+            return self._sourced(rows, "train", RowSource.for_file(path, hp.dataset, len(rows))), None, None
+        try:
+            if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+                loaded = load_from_disk(str(path))
+            else:
+                loaded = load_dataset(str(path) if path.is_dir() else hp.dataset)
+        except Exception as err:  # not found offline, no such hub dataset, no data files in the folder...
+            raise ConfigError(f"data.dataset: could not load '{hp.dataset}': {_innermost_message(err)}") from err
         if not isinstance(loaded, (DatasetDict, dict)):
-            return loaded, None, None
+            return self._sourced(loaded, "train", RowSource(f"dataset '{hp.dataset}'", total=len(loaded))), None, None
         if hp.train_split not in loaded:
-            raise ValueError(f"data.train_split: '{hp.train_split}' not in dataset '{hp.dataset}' (splits: {sorted(loaded)})")
-        pick = lambda name: None if name is None else loaded[name] if name in loaded else _missing(name, loaded, hp.dataset)  # noqa: E731
-        return loaded[hp.train_split], pick(hp.val_split), pick(hp.test_split)
+            raise ConfigError(f"data.train_split: '{hp.train_split}' not in dataset '{hp.dataset}' (splits: {sorted(loaded)})")
+        out = []
+        for role, split in (("train", hp.train_split), ("val", hp.val_split), ("test", hp.test_split)):
+            if split is not None and split not in loaded:
+                _missing(split, loaded, hp.dataset)
+            rows = None if split is None else loaded[split]
+            out.append(rows if rows is None else self._sourced(rows, role, RowSource(f"dataset '{hp.dataset}' split '{split}'", total=len(rows))))
+        return out[0], out[1], out[2]
+
+    def _sourced(self, rows: Dataset, role: str, source: "RowSource") -> Dataset:
+        """``rows`` with each row's position in its source as a column (kept through shuffles); ``role``'s rows are named by ``source``."""
+        self.row_sources[role] = source
+        if len(rows) == 0:
+            raise ConfigError(f"data.dataset: {source.label} has no rows")
+        return rows.add_column(SOURCE_ROW, np.arange(len(rows), dtype=np.int64))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         hp = self.hparams
-        self.tokenizer = load_tokenizer(hp.tokenizer)
+        self.tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code, option="data.tokenizer")
         train, val, test = self._load_raw()
         if val is None:
+            n = len(train)
+            held_out = math.ceil(hp.val_fraction * n)
+            if n - held_out < 1:
+                raise ConfigError(
+                    f"data.val_fraction={hp.val_fraction:g}: holding out {held_out} of the {n} rows of {self.row_sources['train'].label} "
+                    f"leaves no training rows; add rows, lower data.val_fraction, or give a data.val_split"
+                )
             held = train.train_test_split(test_size=hp.val_fraction, seed=hp.split_seed, shuffle=True)
             train, val = held["train"], held["test"]
+            self.row_sources["val"] = self.row_sources["train"]
         self.splits["train"] = self._prepare(train, "train", hp.max_train_rows)
         self.splits["val"] = self._prepare(val, "val", hp.max_val_rows)
         self.splits["test"] = self.splits["val"] if test is None else self._prepare(test, "test", hp.max_val_rows)
@@ -245,7 +312,12 @@ class ChatDataModule(L.LightningDataModule):
         """
         hp = self.hparams
         if hp.overlong_rows == "truncate" or cap == 0:
-            return self._tokenize(split.select(range(cap)) if cap is not None and len(split) > cap else split, name)
+            out = self._tokenize(split.select(range(cap)) if cap is not None and len(split) > cap else split, name)
+            cut = sum(out["response_cut"])
+            if cut:  # a cut reference loses its end-of-turn token: SFT then teaches the model not to stop
+                rank_zero_warn(f"data.max_response_tokens={hp.max_response_tokens}: {cut} of {len(out)} {name} reference responses are "
+                               "longer and were cut, losing their end-of-turn token; raise it or set data.overlong_rows: drop")
+            return out.remove_columns(["overlong", "response_cut"])
         parts, kept, start = [], 0, 0
         while start < len(split) and (cap is None or kept < cap):
             if cap is None or start == 0:
@@ -254,7 +326,7 @@ class ChatDataModule(L.LightningDataModule):
                 size = math.ceil((cap - kept) * 1.25 * start / max(kept, 1)) + 16
             part = self._tokenize(split.select(range(start, min(len(split), start + size))), name, start)
             keep = [i for i, overlong in enumerate(part["overlong"]) if not overlong]
-            parts.append(part.select(keep).remove_columns("overlong"))
+            parts.append(part.select(keep).remove_columns(["overlong", "response_cut"]))
             kept, start = kept + len(keep), start + len(part)
         if kept == 0:
             raise ValueError(
@@ -267,17 +339,24 @@ class ChatDataModule(L.LightningDataModule):
         return out.select(range(cap)) if cap is not None and len(out) > cap else out
 
     def _tokenize(self, split: Dataset, name: str, first_index: int = 0) -> Dataset:
-        """Token ids and texts of each row; ``overlong`` too under ``overlong_rows: drop``. Rows are named by ``first_index + i``."""
+        """Token ids and texts of each row, and whether it is ``overlong`` / its ``response_cut``.
+
+        A row with a ``SOURCE_ROW`` is named in errors by its place in its source (``file.jsonl line 57``);
+        one without, by ``first_index + i``.
+        """
         hp, tokenizer = self.hparams, self.tokenizer
+        locate = getattr(self, "row_sources", {}).get(name)
 
         def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
-            messages = row_to_messages(row, first_index + index, hp.prompt_column, hp.response_column)
+            source_row = row.get(SOURCE_ROW)
+            where = locate(source_row) if locate is not None and source_row is not None else first_index + index
+            messages = row_to_messages(row, where, hp.prompt_column, hp.response_column)
             if hp.system_prompt is not None and not any(m["role"] == "system" for m in messages):
                 messages = [{"role": "system", "content": hp.system_prompt}, *messages]
             prompt_ids, response_ids = conversation_ids(tokenizer, messages)
             out: dict[str, Any] = {"prompt_ids": prompt_ids[-hp.max_prompt_tokens :], "response_ids": response_ids[: hp.max_response_tokens]}
-            if hp.overlong_rows == "drop":
-                out["overlong"] = len(prompt_ids) > hp.max_prompt_tokens or len(response_ids) > hp.max_response_tokens
+            out["overlong"] = len(prompt_ids) > hp.max_prompt_tokens or len(response_ids) > hp.max_response_tokens
+            out["response_cut"] = len(response_ids) > hp.max_response_tokens
             out["prompt_text"] = conversation_prompt_text(messages)
             out["response_text"] = messages[-1]["content"]
             return out
@@ -313,33 +392,147 @@ def check_split_and_batch(val_fraction: float, batch_size: int) -> None:
 
 
 def split_loader(datamodule: L.LightningDataModule, name: str, shuffle: bool) -> DataLoader:
-    """A DataLoader over ``datamodule.splits[name]`` with its ``collate_fn()`` and batch-size settings."""
+    """A DataLoader over ``datamodule.splits[name]`` with its ``collate_fn()`` and batch-size settings.
+
+    torchdata's ``StatefulDataLoader`` with a ``ResumableRandomSampler``: Lightning saves and restores
+    its position, so ``fit --ckpt_path`` continues mid-epoch with the next batch the run would have
+    seen (a plain ``DataLoader`` restarts the epoch), in the order a shuffled ``DataLoader`` gives.
+    """
     hp = datamodule.hparams
     size = hp.batch_size if shuffle else (hp.eval_batch_size or hp.batch_size)
-    split = datamodule.splits[name]
-    return DataLoader(
-        split.with_format("python"),
-        batch_size=size,
-        shuffle=shuffle,
-        collate_fn=datamodule.collate_fn(),
-        num_workers=hp.num_workers,
-        persistent_workers=hp.num_workers > 0,
-        drop_last=shuffle and len(split) > size,
-    )
+    split = datamodule.splits[name].with_format("python")
+    with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in newer torch
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(
+            split,
+            batch_size=size,
+            sampler=ResumableRandomSampler(split) if shuffle else None,
+            collate_fn=datamodule.collate_fn(),
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            drop_last=shuffle and len(split) > size,
+        )
 
 
 def _load_file(path: Path) -> Dataset:
-    """A local data file through ``load_dataset``; a file it cannot parse is one ``ValueError`` line naming it."""
+    """A local data file through ``load_dataset``; an empty or unparseable file is one ``ConfigError`` line naming it (and the bad line)."""
     suffixes = [x.lower() for x in path.suffixes]
     compressed = suffixes[-1:] in ([".gz"], [".bz2"], [".xz"], [".zst"])
     builder = _FILE_BUILDERS.get(suffixes[-2] if compressed and len(suffixes) > 1 else (suffixes or [""])[-1])
     if builder is None:
-        raise ValueError(f"data.dataset: unsupported file type {''.join(path.suffixes)!r}; expected one of {sorted(_FILE_BUILDERS)}, optionally .gz")
+        raise ConfigError(f"data.dataset: unsupported file type {''.join(path.suffixes)!r}; expected one of {sorted(_FILE_BUILDERS)}, optionally .gz")
+    if _first_char(path) == "":
+        raise ConfigError(f"data.dataset: {path} is empty (no rows)")
     try:
         return load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # DatasetGenerationError, ArrowInvalid, JSONDecodeError...: say which file, in one line
+        if builder == "json":
+            _raise_first_bad_json(path)
+        if "corresponds to no data" in _innermost_message(err):  # a CSV with a header and nothing else
+            raise ConfigError(f"data.dataset: {path} has no rows") from None
         hint = f"; a ShareGPT-style JSON array (even one cut mid-record) reads with dataset: sharegpt:{path}" if builder == "json" else ""
-        raise ValueError(f"data.dataset: could not read {path} as {builder}: {_innermost_message(err)}{hint}") from None
+        raise ConfigError(f"data.dataset: could not read {path} as {builder}: {_innermost_message(err)}{hint}") from None
+
+
+def _open_text(path: Path) -> Any:
+    """``path`` opened as text, decompressing .gz/.bz2/.xz; None for a compression we cannot read here."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if suffix in (".bz2", ".xz"):
+        import bz2
+        import lzma
+
+        return (bz2 if suffix == ".bz2" else lzma).open(path, "rt", encoding="utf-8", errors="replace")
+    if suffix == ".zst":
+        return None
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def _first_char(path: Path) -> str | None:
+    """The file's first character that is not whitespace; ``""`` for an empty file, None if it cannot be read here."""
+    handle = _open_text(path)
+    if handle is None:
+        return None
+    with handle:
+        while chunk := handle.read(1 << 16):
+            stripped = chunk.lstrip(" \t\r\n\ufeff")
+            if stripped:
+                return stripped[0]
+    return ""
+
+
+def _raise_first_bad_json(path: Path) -> None:
+    """Find what made a JSON file unreadable and raise it as one line: the first bad line of a JSON-lines file, or the array's error position."""
+    if _first_char(path) == "[":
+        handle = _open_text(path)
+        if handle is None:
+            return
+        with handle:
+            try:
+                json.loads(handle.read())
+            except json.JSONDecodeError as err:
+                raise ConfigError(
+                    f"data.dataset: could not read {path} as json: line {err.lineno} column {err.colno}: {err.msg}; a ShareGPT-style "
+                    f"JSON array (even one cut mid-record) reads with dataset: sharegpt:{path}"
+                ) from None
+        return
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"data.dataset: {path} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
+                              f"each line must be one JSON object: {line.strip()[:60]!r}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"data.dataset: {path} line {number} is a JSON {type(value).__name__}, not an object; each line must be one JSON object")
+
+
+def _lines(path: Path):
+    """``(1-based line number, text)`` of each line of a text file (decompressed)."""
+    handle = _open_text(path)
+    if handle is None:
+        return
+    with handle:
+        yield from enumerate(handle, start=1)
+
+
+class RowSource:
+    """How an error names row ``i`` (0-based, in source order) of loaded data: a file's line, or a row number.
+
+    JSON-lines files: ``train.jsonl line 57`` (blank lines, which ``datasets`` skips, are counted:
+    the file is scanned when an error needs it). CSV: ``line i + 2`` (the header is line 1). JSON
+    arrays, parquet, the embedded set, saved or hub datasets: ``row i + 1 of N``.
+    """
+
+    def __init__(self, label: str, path: Path | None = None, kind: str = "row", total: int | None = None) -> None:
+        self.label, self.path, self.kind, self.total = label, path, kind, total
+
+    @classmethod
+    def for_file(cls, path: Path, label: str, total: int) -> "RowSource":
+        suffixes = [x.lower() for x in path.suffixes if x.lower() not in (".gz", ".bz2", ".xz", ".zst")]
+        kind = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}.get(suffixes[-1] if suffixes else "", "row")
+        return cls(label, path, kind, total)
+
+    def __call__(self, i: int) -> str:
+        if self.kind == "csv":
+            return f"{self.label} line {i + 2}"
+        if self.kind in ("jsonl", "json") and self.path is not None and _first_char(self.path) not in ("[", None):
+            line = self._line_of(i)
+            if line is not None:
+                return f"{self.label} line {line}"
+        return f"{self.label} row {i + 1}" + (f" of {self.total}" if self.total else "")
+
+    def _line_of(self, i: int) -> int | None:
+        """The line number of the (i+1)-th non-blank line."""
+        seen = -1
+        for number, line in _lines(self.path):
+            if line.strip():
+                seen += 1
+                if seen == i:
+                    return number
+        return None
 
 
 def _innermost_message(err: BaseException) -> str:
@@ -354,4 +547,4 @@ def _innermost_message(err: BaseException) -> str:
 
 
 def _missing(name: str, loaded: Any, dataset: str) -> None:
-    raise ValueError(f"split '{name}' not in dataset '{dataset}' (splits: {sorted(loaded)})")
+    raise ConfigError(f"split '{name}' not in dataset '{dataset}' (splits: {sorted(loaded)})")

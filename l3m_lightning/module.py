@@ -29,11 +29,12 @@ from torchmetrics.text import Perplexity
 from constraints import Constraint, build_constraints
 from l3m_lightning.barrier import MuSchedule
 from l3m_lightning.callbacks import JsonlPredictionWriter
+from l3m_lightning.checkpointing import ExactResume
 from l3m_lightning.data import IGNORE_INDEX
-from l3m_lightning.diagnostics import FeasibilityMonitor
+from l3m_lightning.diagnostics import FeasibilityMonitor, NoValidSamplesMonitor, TruncationMonitor, option_warnings, warn_all
 from l3m_lightning.estimator import ExponentialMovingAverage, masked_mean, policy_gradient_surrogate, token_level_surrogate
 from l3m_lightning.multipliers import MultiplierRule
-from l3m_lightning.outputs import resolve_export_dir, save_pretrained_atomically
+from l3m_lightning.outputs import check_fit_outputs, export_marker, resolve_export_dir, save_pretrained_atomically
 from l3m_lightning.packing import TokenLogprobs, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs
 from l3m_lightning.policy import EMBEDDED, apply_lora, load_policy, load_tokenizer, stop_token_ids
 from l3m_lightning.report import constraint_row, mean_confidence_interval, write_report
@@ -94,7 +95,11 @@ class L3MModule(L.LightningModule):
             reported confidence intervals are over prompts.
         init_seed: seed of the embedded model's random init.
         export_dir: where the final policy and tokenizer are written with ``save_pretrained``
-            (default: ``<log dir>/hf_model``); ``""`` disables export.
+            (default: ``<log dir>/hf_model``); ``""`` disables export. Checked before the first step
+            (outputs.check_fit_outputs): writable, and not someone else's non-empty folder.
+        trust_remote_code: allow a model or tokenizer folder whose ``auto_map`` names Python code
+            shipped with it (default false: such a folder fails at once, in one line). Also used
+            for the data's tokenizer (the CLI links ``data.trust_remote_code`` to it).
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class L3MModule(L.LightningModule):
         tokenizer_name_or_path: str | None = None,
         model_config: dict[str, Any] | None = None,
         torch_dtype: str | None = None,
+        trust_remote_code: bool = False,
         constraints: list[dict[str, Any]] | None = None,
         num_samples: int = 2,
         max_new_tokens: int = 64,
@@ -160,14 +166,20 @@ class L3MModule(L.LightningModule):
             raise ValueError(f"model.gae_lambda must be in [0, 1], got {gae_lambda}")
         if gae_lambda < 1.0 and not value_baseline:
             raise ValueError(f"model.gae_lambda={gae_lambda} needs model.value_baseline: true (GAE bootstraps from V)")
+        _check_options(locals())
         self.save_hyperparameters()
-        self.constraints: list[Constraint] = build_constraints(constraints)
+        self.constraints: list[Constraint] = build_constraints(constraints, where="model.constraints")
         self.mu_schedule = MuSchedule(start=mu_start, floor=mu_floor, factor=mu_decay, every=mu_decay_every)
         self.constraint_ema = ExponentialMovingAverage(constraint_ema)
         self.feasibility = FeasibilityMonitor([c.name for c in self.constraints], patience=infeasibility_patience)
+        self.truncation = TruncationMonitor(max_new_tokens)
+        self.no_valid_samples = NoValidSamplesMonitor([c.name for c in self.constraints])
         self.multiplier_rule = MultiplierRule(method, len(self.constraints), dual_lr, dual_init, penalty_weights)
-        self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path)
-        self.model = load_policy(model_name_or_path, self.tokenizer, model_config, torch_dtype, seed=init_seed)
+        warn_all(option_warnings(self.constraints, num_samples, max_new_tokens, temperature, top_k, top_p, value_baseline,
+                                 method, penalty_weights, dual_init, constraint_warmup_steps, constraint_ema))
+        tokenizer_option = "model.tokenizer_name_or_path" if tokenizer_name_or_path else "model.model_name_or_path"
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path, trust_remote_code, option=tokenizer_option)
+        self.model = load_policy(model_name_or_path, self.tokenizer, model_config, torch_dtype, seed=init_seed, trust_remote_code=trust_remote_code)
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.model)  # sampling ends a response at any of these
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -203,6 +215,8 @@ class L3MModule(L.LightningModule):
             # the barrier's linear region is Ĉ > −μ²; for the baselines, plain violation Ĉ > 0
             region_mu = self.mu_schedule.mu if self.hparams.method == "barrier" else 0.0
             self.feasibility.update(estimates.tolist(), multipliers.tolist(), region_mu)
+            self.truncation.update(1.0 - rollouts.finished.float().mean().item())
+            self.no_valid_samples.update(self._last_valid_counts.tolist(), self.global_step)
             self.log_constraints(rewards, costs, valid, estimates, multipliers, rollouts)
             if self.constraint_ema.decay:
                 self.log_dict({f"constraints/{c.name}/value_ema": smoothed[i].float() for i, c in enumerate(self.constraints)})
@@ -340,6 +354,7 @@ class L3MModule(L.LightningModule):
         """Per-constraint mean over the valid samples of *all* ranks, so every rank gets the same λ."""
         sums = torch.stack([torch.where(valid, values, 0.0).sum(dim=1), valid.sum(dim=1).to(values.dtype)])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if self._trainer is not None else sums
+        self._last_valid_counts = sums[1]  # all ranks' valid samples per constraint (NoValidSamplesMonitor)
         return sums[0] / sums[1].clamp(min=1)
 
     # --- logging --------------------------------------------------------------------------------
@@ -459,7 +474,7 @@ class L3MModule(L.LightningModule):
         ]
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [JsonlPredictionWriter()]
+        return [JsonlPredictionWriter(), ExactResume()]  # ExactResume: RNG streams and data order survive a resume
 
     # --- optimisation ---------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -516,11 +531,22 @@ class L3MModule(L.LightningModule):
         self.setup_constraints()
 
     def on_fit_start(self) -> None:
+        # before the first step: a folder that cannot be written fails now, not at the first save or after the last step
+        check_fit_outputs(self.trainer, self.hparams.export_dir, self.trainer.ckpt_path)
+        self.warn_if_constraints_never_start()
         self.setup_constraints()
         if self.trainer.world_size > 1:
             # seed_everything gives every rank the same stream; sampling must differ across ranks or
             # their responses are correlated and more ranks do not reduce the estimator's variance
+            # (on resume, ExactResume puts each rank's saved streams back after this, in on_train_start)
             torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+
+    def warn_if_constraints_never_start(self) -> None:
+        """The warm-up outlasts ``trainer.max_steps``: the whole run would be plain SFT, though constraints are configured."""
+        warmup, max_steps = self.hparams.constraint_warmup_steps, self.trainer.max_steps
+        if self.constraints and warmup and max_steps is not None and 0 <= max_steps <= warmup:
+            rank_zero_warn(f"model.constraint_warmup_steps={warmup} >= trainer.max_steps={max_steps}: the constraints never "
+                           "switch on and this run is plain SFT; lower the warm-up or raise max_steps")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["l3m"] = {
@@ -529,6 +555,7 @@ class L3MModule(L.LightningModule):
             "multipliers": self.multiplier_rule.state_dict(),
             "feasibility": self.feasibility.state_dict(),
             "constraints": {c.name: c.state_dict() for c in self.constraints},
+            "packing_ok": self._packing_ok,  # a resumed run does not re-run the check's forward passes (dropout draws)
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -542,6 +569,8 @@ class L3MModule(L.LightningModule):
             self.multiplier_rule.load_state_dict(state["multipliers"])
         if "feasibility" in state:
             self.feasibility.load_state_dict(state["feasibility"])
+        if state.get("packing_ok") is not None:
+            self._packing_ok = bool(state["packing_ok"])
         for c in self.constraints:
             if c.name in state["constraints"]:
                 c.load_state_dict(state["constraints"][c.name])
@@ -561,7 +590,7 @@ class L3MModule(L.LightningModule):
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()  # a plain model; training state untouched
-        save_pretrained_atomically(target, model, self.tokenizer, state_dict=state_dict)
+        save_pretrained_atomically(target, model, self.tokenizer, marker=export_marker(self.trainer), state_dict=state_dict)
 
     def full_policy_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The policy's full (unsharded, CPU) state dict under FSDP1/FSDP2, else ``None`` (use the module's own)."""
@@ -578,3 +607,36 @@ class L3MModule(L.LightningModule):
 
     def export_path(self) -> Path | None:
         return resolve_export_dir(self.hparams.export_dir, self.trainer)
+
+
+def _check_options(o: dict[str, Any]) -> None:
+    """Ranges the step relies on, each failing in one line that names the YAML key (``model.mu_floor``), before any model loads."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    for key in ("mu_start", "mu_floor"):
+        need(number(o[key]) and o[key] > 0, f"model.{key} must be a finite number > 0, got {o[key]!r}")
+    need(o["mu_floor"] <= o["mu_start"], f"model.mu_floor ({o['mu_floor']:g}) must be <= model.mu_start ({o['mu_start']:g}): μ decays from mu_start down to mu_floor")
+    need(number(o["mu_decay"]) and 0 < o["mu_decay"] <= 1, f"model.mu_decay must be in (0, 1] (μ ← mu_decay·μ), got {o['mu_decay']!r}")
+    need(isinstance(o["mu_decay_every"], int) and o["mu_decay_every"] >= 1, f"model.mu_decay_every must be a positive number of steps, got {o['mu_decay_every']!r}")
+    need(number(o["constraint_ema"]) and 0 <= o["constraint_ema"] < 1, f"model.constraint_ema must be in [0, 1) (0 = off), got {o['constraint_ema']!r}")
+    need(number(o["learning_rate"]) and o["learning_rate"] > 0, f"model.learning_rate must be > 0, got {o['learning_rate']!r}")
+    need(number(o["value_head_lr"]) and o["value_head_lr"] > 0, f"model.value_head_lr must be > 0, got {o['value_head_lr']!r}")
+    need(number(o["weight_decay"]) and o["weight_decay"] >= 0, f"model.weight_decay must be >= 0, got {o['weight_decay']!r}")
+    need(number(o["warmup_ratio"]) and 0 <= o["warmup_ratio"] <= 1, f"model.warmup_ratio must be in [0, 1], got {o['warmup_ratio']!r}")
+    need(number(o["min_lr_ratio"]) and 0 <= o["min_lr_ratio"] <= 1, f"model.min_lr_ratio must be in [0, 1], got {o['min_lr_ratio']!r}")
+    betas = o["betas"]
+    need(len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas), f"model.betas must be two numbers in [0, 1), got {betas!r}")
+    need(o["value_head_width"] >= 0, f"model.value_head_width must be >= 0 (0 = a linear head), got {o['value_head_width']!r}")
+    need(o["top_k"] >= 0, f"model.top_k must be >= 0 (0 = off), got {o['top_k']!r}")
+    need(number(o["top_p"]) and 0 < o["top_p"] <= 1, f"model.top_p must be in (0, 1], got {o['top_p']!r}")
+    need(o["infeasibility_patience"] >= 0, f"model.infeasibility_patience must be >= 0 steps (0 = off), got {o['infeasibility_patience']!r}")
+    need(o["log_samples_every_n_steps"] >= 0, f"model.log_samples_every_n_steps must be >= 0 (0 = off), got {o['log_samples_every_n_steps']!r}")
+    dtype = o["torch_dtype"]
+    need(dtype is None or isinstance(getattr(torch, str(dtype), None), torch.dtype),
+         f"model.torch_dtype must be a torch dtype name such as float32, bfloat16 or float16, got {dtype!r}")

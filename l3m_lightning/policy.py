@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from constraints.model_source import resolve_model_path
+from constraints.base import ConfigError
+from constraints.model_source import pretrained_source
 
 EMBEDDED = "embedded"
 log = logging.getLogger(__name__)
@@ -27,13 +28,20 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Tokenizer with a pad token and a chat template guaranteed."""
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, option: str = "model.model_name_or_path", allow_key: str = "model.trust_remote_code"
+) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token and a chat template guaranteed.
+
+    ``option`` / ``allow_key`` are the config keys a one-line error names: the one that gave
+    ``name_or_path``, and the one that allows custom code (see ``pretrained_source``).
+    """
     if name_or_path == EMBEDDED:
         from l3m_lightning.embedded.tokenizer import embedded_tokenizer_path
 
         name_or_path = str(embedded_tokenizer_path())
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    source = pretrained_source(name_or_path, option, trust_remote_code, allow_key)
+    tokenizer = _from_pretrained(AutoTokenizer, source, option, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer '{name_or_path}' has no eos_token; set one so sampling can stop")
     if tokenizer.pad_token_id is None:
@@ -50,8 +58,13 @@ def load_policy(
     model_config: dict[str, Any] | None = None,
     torch_dtype: str | None = None,
     seed: int = 0,
+    trust_remote_code: bool = False,
+    option: str = "model.model_name_or_path",
 ) -> PreTrainedModel:
     """The causal LM to fine-tune, in train mode. ``model_config`` sizes the embedded model or overrides a real one's config.
+
+    A folder that needs custom code (an ``auto_map``) fails before anything is imported unless
+    ``trust_remote_code`` (``model.trust_remote_code``).
 
     ``from_pretrained`` returns a model in eval mode; Lightning keeps submodules' modes as it finds
     them, so without ``train()`` dropout would stay off for the whole fit (and Lightning warns).
@@ -61,9 +74,21 @@ def load_policy(
 
         return build_embedded_model(tokenizer, model_config, seed=seed).train()
     kwargs: dict[str, Any] = dict(model_config or {})
+    if "trust_remote_code" in kwargs:
+        raise ConfigError("model.model_config: trust_remote_code is not a config override; set model.trust_remote_code instead")
     if torch_dtype is not None:
         kwargs["dtype"] = getattr(torch, torch_dtype)
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs).train()
+    source = pretrained_source(name_or_path, option, trust_remote_code)
+    return _from_pretrained(AutoModelForCausalLM, source, option, trust_remote_code=trust_remote_code, **kwargs).train()
+
+
+def _from_pretrained(auto_class: Any, source: str, option: str, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained``; a model that cannot be found or read is one line naming ``option``."""
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as err:  # not on the hub / not cached offline / a folder without the files
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"{option}: could not load '{source}': {message[:300]}") from err
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:

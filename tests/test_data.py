@@ -17,7 +17,7 @@ def test_both_row_forms_become_messages():
     [
         ({"messages": [{"role": "user", "content": "hi"}]}, r"row 7: field 'messages' must be a list of at least 2"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}, r"row 7: .*must end with an assistant turn"),
-        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, r"row 7: field 'messages\[0\]'"),
+        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, r"row 7: field 'messages\[0\].content' must be a string"),
         ({"prompt": "hi", "response": ""}, r"row 7: field 'response' must be a non-empty string"),
         ({"question": "hi"}, r"row 7: expected a 'messages' field or 'prompt'/'response' fields"),
     ],
@@ -53,7 +53,7 @@ def test_local_jsonl_dataset_and_malformed_row(tmp_path, tokenizer):
 
     bad = good + [{"prompt": "q", "response": None}]
     path.write_text("\n".join(json.dumps(r) for r in bad))
-    with pytest.raises(ValueError, match=r"row \d+: field 'response' must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"train.jsonl line 21: field 'response' must be a non-empty string"):
         ChatDataModule(dataset=str(path), batch_size=4, val_fraction=0.2).setup("fit")
 
 
@@ -110,7 +110,7 @@ def test_unparseable_json_file_is_one_line_naming_the_file(tmp_path, tokenizer):
     path.write_text('[{"prompt": "q", "response": "a"}, {"prompt": "q2", "resp')  # cut mid-record
     with pytest.raises(ValueError, match=r"data.dataset: could not read .*chats.json as json: .*sharegpt:") as caught:
         ChatDataModule(dataset=str(path)).setup("fit")
-    assert type(caught.value) is ValueError and "\n" not in str(caught.value)
+    assert isinstance(caught.value, ValueError) and caught.value.__cause__ is None and "\n" not in str(caught.value)
 
 
 def test_multi_turn_messages_prompt_text_is_the_whole_dialogue(tmp_path, tokenizer):

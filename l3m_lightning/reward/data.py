@@ -25,7 +25,9 @@ import lightning as L
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from torch.utils.data import DataLoader
 
-from constraints.reward_model import DEFAULT_TEMPLATE, INPUT_FORMATS, check_template, format_for_reward_model, load_rows, resolve_model_path
+from constraints.base import ConfigError
+from constraints.model_source import pretrained_source
+from constraints.reward_model import DEFAULT_TEMPLATE, INPUT_FORMATS, check_template, format_for_reward_model, load_rows
 
 from l3m_lightning.data import ChatDataModule, check_split_and_batch
 
@@ -38,7 +40,7 @@ def split_hh_dialogue(text: str, where: str) -> tuple[str, str]:
     """``(prompt, final reply)`` of an HH dialogue; the prompt keeps the earlier turns, minus the leading ``Human:``."""
     cut = text.rfind(ASSISTANT)
     if cut < 0:
-        raise ValueError(f"{where}: HH-style dialogue has no {ASSISTANT!r} turn: {text[:120]!r}")
+        raise ConfigError(f"{where}: HH-style dialogue has no {ASSISTANT!r} turn: {text[:120]!r}")
     prompt, reply = text[:cut], text[cut + len(ASSISTANT) :]
     if prompt.startswith(HUMAN):
         prompt = prompt[len(HUMAN) :]
@@ -55,23 +57,23 @@ def preference_pair(
     """Validate one row: ``((prompt, chosen reply), (prompt, rejected reply))``; prompt ``None`` for plain texts."""
     where = f"preference row {index}"
     if not isinstance(row, Mapping):
-        raise ValueError(f"{where}: expected a mapping with '{chosen_column}' and '{rejected_column}' fields, got {row!r:.120}")
+        raise ConfigError(f"{where}: expected a mapping with '{chosen_column}' and '{rejected_column}' fields, got {row!r:.120}")
     for column in (chosen_column, rejected_column):
         if column not in row:
-            raise ValueError(f"{where}: field '{column}' is missing (fields: {sorted(row)})")
+            raise ConfigError(f"{where}: field '{column}' is missing (fields: {sorted(row)})")
         if not isinstance(row[column], str) or not row[column].strip():
-            raise ValueError(f"{where}: field '{column}' must be a non-empty string, got {row[column]!r:.120}")
+            raise ConfigError(f"{where}: field '{column}' must be a non-empty string, got {row[column]!r:.120}")
     prompt = row.get(prompt_column)
     if prompt is not None:
         if not isinstance(prompt, str):
-            raise ValueError(f"{where}: field '{prompt_column}' must be a string, got {prompt!r:.120}")
+            raise ConfigError(f"{where}: field '{prompt_column}' must be a string, got {prompt!r:.120}")
         return (prompt, row[chosen_column]), (prompt, row[rejected_column])
     pairs = []
     for column in (chosen_column, rejected_column):
         text = row[column]
         pairs.append(split_hh_dialogue(text, f"{where}: field '{column}'") if is_hh_dialogue(text) else (None, text))
     if (pairs[0][0] is None) != (pairs[1][0] is None):
-        raise ValueError(f"{where}: fields '{chosen_column}' and '{rejected_column}' must both be HH-style dialogues or both plain texts")
+        raise ConfigError(f"{where}: fields '{chosen_column}' and '{rejected_column}' must both be HH-style dialogues or both plain texts")
     return pairs[0], pairs[1]
 
 
@@ -94,7 +96,7 @@ def load_preference_rows(
         return loaded, None
     for split in (train_split, val_split):
         if split is not None and split not in loaded:
-            raise ValueError(f"split '{split}' not in dataset '{dataset}' (splits: {sorted(loaded)})")
+            raise ConfigError(f"split '{split}' not in dataset '{dataset}' (splits: {sorted(loaded)})")
     return loaded[train_split], None if val_split is None else loaded[val_split]
 
 
@@ -129,6 +131,7 @@ class PreferenceDataModule(L.LightningDataModule):
         max_length: tokens per sequence; longer ones lose tokens on ``truncation_side`` (``left``
             keeps the reply).
         max_train_rows / max_val_rows: caps, applied after the split.
+        trust_remote_code: allow a tokenizer folder with custom code (the CLI links it to ``model.trust_remote_code``).
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         check_split_and_batch(val_fraction, batch_size)
@@ -177,8 +181,9 @@ class PreferenceDataModule(L.LightningDataModule):
 
         hp = self.hparams
         if not hp.tokenizer:
-            raise ValueError("data.tokenizer is empty: set it (the CLI links it to model.model_name_or_path)")
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(hp.tokenizer))
+            raise ConfigError("data.tokenizer is empty: set it (the CLI links it to model.model_name_or_path)")
+        source = pretrained_source(hp.tokenizer, "data.tokenizer", hp.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=hp.trust_remote_code)
         self.tokenizer.truncation_side = hp.truncation_side
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -211,7 +216,7 @@ class PreferenceDataModule(L.LightningDataModule):
             return out
 
         if len(split) == 0:
-            raise ValueError(f"data.dataset '{hp.dataset}': the {name} split has no rows")
+            raise ConfigError(f"data.dataset '{hp.dataset}': the {name} split has no rows")
         return split.map(encode, with_indices=True, remove_columns=split.column_names, desc=f"tokenizing {name} pairs")
 
     def collate_fn(self) -> PairCollator:

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from constraints.reward_model import FORMAT_FILE, resolve_model_path
-from l3m_lightning.outputs import resolve_export_dir
+from constraints.model_source import pretrained_source
+from constraints.reward_model import FORMAT_FILE
+from l3m_lightning.outputs import EXPORT_MARKER, check_fit_outputs, export_marker, resolve_export_dir
 from l3m_lightning.reward.pooled import POOLINGS, PooledRewardModel
 from l3m_lightning.schedules import warmup_cosine
 
@@ -53,6 +54,9 @@ class RewardModelModule(L.LightningModule):
             (the head's defaults to ``learning_rate``); linear warm-up (``warmup_ratio``) then cosine
             to ``min_lr_ratio``.
         export_dir: where the trained RM goes (default ``<log dir>/hf_model``; ``""`` disables export).
+            Checked before the first step (``outputs.check_fit_outputs``).
+        trust_remote_code: allow a backbone or tokenizer folder whose ``auto_map`` names Python code
+            shipped with it (default false: it fails at once, in one line). The CLI links the data's to it.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class RewardModelModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         if unfreeze_top_layers < 0:
@@ -83,16 +88,21 @@ class RewardModelModule(L.LightningModule):
         self.save_hyperparameters()
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        path = resolve_model_path(model_name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name_or_path or model_name_or_path))
+        if "trust_remote_code" in (model_config or {}):
+            raise ValueError("model.model_config: trust_remote_code is not a config override; set model.trust_remote_code instead")
+        path = pretrained_source(model_name_or_path, "model.model_name_or_path", trust_remote_code)
+        tokenizer_option = "model.tokenizer_name_or_path" if tokenizer_name_or_path else "model.model_name_or_path"
+        tokenizer_source = pretrained_source(tokenizer_name_or_path or model_name_or_path, tokenizer_option, trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ValueError(f"tokenizer of '{model_name_or_path}' has neither a pad nor an eos token")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if pooling == "model":
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **(model_config or {}))
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code, **(model_config or {}))
         else:
-            self.model = PooledRewardModel.from_backbone(path, pooling=pooling, classifier_dropout=classifier_dropout, **(model_config or {}))
+            self.model = PooledRewardModel.from_backbone(path, pooling=pooling, classifier_dropout=classifier_dropout,
+                                                         trust_remote_code=trust_remote_code, **(model_config or {}))
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes as found
@@ -221,6 +231,10 @@ class RewardModelModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- export -------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # before the first step: a folder that cannot be written fails now, not at the first save or after the last step
+        check_fit_outputs(self.trainer, self.hparams.export_dir, self.trainer.ckpt_path)
+
     def on_fit_end(self) -> None:
         """``save_pretrained`` the RM and its tokenizer, plus how text was formatted and held-out reward statistics."""
         target = self.export_path()
@@ -239,6 +253,8 @@ class RewardModelModule(L.LightningModule):
             # Held-out rewards' mean/std: `calibration: {mean, std}` for the reward_model constraint.
             spec["held_out"] = self.reward_stats
         (target / FORMAT_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        if self._trainer is not None:
+            (target / EXPORT_MARKER).write_text(json.dumps(export_marker(self.trainer), indent=2) + "\n")
         log.info("reward model exported to %s", target)
         return target
 

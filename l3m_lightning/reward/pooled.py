@@ -61,6 +61,7 @@ class PooledRewardModel(PreTrainedModel):
     @classmethod
     def from_backbone(cls, name_or_path: str, pooling: str = "mean", classifier_dropout: float = 0.0, **kwargs: Any) -> "PooledRewardModel":
         """A pretrained backbone (``AutoModel``) with a fresh one-logit head."""
+        kwargs.setdefault("trust_remote_code", False)  # never transformers' interactive prompt; RewardModelModule passes its option
         backbone = AutoModel.from_pretrained(name_or_path, **kwargs)
         config = PooledRewardConfig(backbone=backbone.config.to_dict(), pooling=pooling, classifier_dropout=classifier_dropout)
         if getattr(backbone.config, "pad_token_id", None) is not None:
