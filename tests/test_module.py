@@ -156,7 +156,7 @@ def test_lora_trains_adapters_only_and_exports_a_merged_model(batch, tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in module.model.named_parameters() if "lora_B" in n)
 
     module.hparams.export_dir = str(tmp_path / "export")
-    module._trainer = mock.Mock(is_global_zero=True, world_size=1)
+    module._trainer = mock.Mock(is_global_zero=True, world_size=1, checkpoint_callbacks=[], global_step=1)  # the export records them (outputs.export_marker)
     module.on_fit_end()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     ids = batch["input_ids"][:1]
