@@ -16,6 +16,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import lightning as L
@@ -29,7 +30,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from constraints.base import ConfigError
 from constraints.model_source import check_path_exists
 from l3m_lightning.checkpointing import ResumableRandomSampler
-from l3m_lightning.policy import EMBEDDED, load_tokenizer
+from l3m_lightning.policy import EMBEDDED, load_tokenizer, stop_token_ids
 from l3m_lightning.sharegpt import is_sharegpt_source, load_sharegpt, sharegpt_messages
 
 log = logging.getLogger(__name__)
@@ -104,13 +105,14 @@ def conversation_prompt_text(messages: list[dict[str, str]]) -> str:
     return "".join(parts)
 
 
-def conversation_ids(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def conversation_ids(tokenizer: Any, messages: list[dict[str, str]], stop_ids: Collection[int] | None = None) -> tuple[list[int], list[int]]:
     """Untruncated prompt ids (with the generation prompt) and response ids, via the tokenizer's chat template.
 
     The response is what the full conversation adds after the prompt. Templates that rewrite
     earlier turns are handled by cutting at the longest common prefix. The response ends at its
-    last EOS token when it has one: ChatML templates (``...<|im_end|>\\n``) add a newline after the
-    end-of-turn token that the model never generates, since sampling stops at EOS.
+    last stop token when it has one (``stop_ids``, default the EOS; the data module passes
+    ``policy.stop_token_ids``, the set sampling stops at): ChatML templates (``...<|im_end|>\\n``)
+    add a newline after the end-of-turn token that the model never generates.
     """
     prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -122,15 +124,18 @@ def conversation_ids(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[li
         while cut < min(len(prompt_ids), len(full_ids)) and prompt_ids[cut] == full_ids[cut]:
             cut += 1
     response_ids = full_ids[cut:]
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in response_ids:
-        response_ids = response_ids[: len(response_ids) - response_ids[::-1].index(eos)]
+    stops = {tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
+    last_stop = max((i for i, token in enumerate(response_ids) if token in stops), default=None)
+    if last_stop is not None:
+        response_ids = response_ids[: last_stop + 1]
     return prompt_ids[:cut], response_ids
 
 
-def tokenize_messages(tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens: int, max_response_tokens: int) -> dict[str, list[int]]:
+def tokenize_messages(
+    tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens: int, max_response_tokens: int, stop_ids: Collection[int] | None = None
+) -> dict[str, list[int]]:
     """``conversation_ids`` cut to size: over-long prompts lose their oldest tokens, over-long responses their end."""
-    prompt_ids, response_ids = conversation_ids(tokenizer, messages)
+    prompt_ids, response_ids = conversation_ids(tokenizer, messages, stop_ids)
     return {"prompt_ids": prompt_ids[-max_prompt_tokens:], "response_ids": response_ids[:max_response_tokens]}
 
 
@@ -346,6 +351,7 @@ class ChatDataModule(L.LightningDataModule):
         """
         hp, tokenizer = self.hparams, self.tokenizer
         locate = getattr(self, "row_sources", {}).get(name)
+        stop_ids = stop_token_ids(tokenizer)  # EOS and the template's end-of-turn, where sampling stops too
 
         def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
             source_row = row.get(SOURCE_ROW)
@@ -353,7 +359,7 @@ class ChatDataModule(L.LightningDataModule):
             messages = row_to_messages(row, where, hp.prompt_column, hp.response_column)
             if hp.system_prompt is not None and not any(m["role"] == "system" for m in messages):
                 messages = [{"role": "system", "content": hp.system_prompt}, *messages]
-            prompt_ids, response_ids = conversation_ids(tokenizer, messages)
+            prompt_ids, response_ids = conversation_ids(tokenizer, messages, stop_ids)
             out: dict[str, Any] = {"prompt_ids": prompt_ids[-hp.max_prompt_tokens :], "response_ids": response_ids[: hp.max_response_tokens]}
             out["overlong"] = len(prompt_ids) > hp.max_prompt_tokens or len(response_ids) > hp.max_response_tokens
             out["response_cut"] = len(response_ids) > hp.max_response_tokens

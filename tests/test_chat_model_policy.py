@@ -93,3 +93,16 @@ def test_sampling_stops_at_a_token_the_tokenizer_does_not_call_eos(tokenizer, as
     cut = sample_rollouts(model, ids, torch.ones_like(ids), eos_token_id=stops, **kwargs)
     assert cut.completion_ids[0] == free_tokens[:first]
     assert cut.finished.tolist() == [True]
+
+
+def test_references_end_at_the_templates_end_of_turn_too(tmp_path):
+    from l3m_lightning.data import conversation_ids
+
+    tok = chatml_tokenizer(tmp_path / "tok", pad_is_eos=False, eos="<|endoftext|>")
+    tok.chat_template = CHATML.replace("'<|im_end|>' + '\n'", "'<|im_end|>' + ' hi\n'")  # a word after each turn's end
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    _, response = conversation_ids(tok, messages, stop_token_ids(tok))
+    assert response == [tok.convert_tokens_to_ids("hello"), eot]  # what follows <|im_end|> is not a training target
+    _, eos_only = conversation_ids(tok, messages)
+    assert eos_only[-1] != eot  # trimming at EOS alone (absent from this template) would keep it
