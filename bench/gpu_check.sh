@@ -50,8 +50,8 @@ fit() {  # common flags for every phase; extra flags follow. A run that hangs is
     --trainer.accelerator "$ACCELERATOR" --trainer.devices "$DEVICES" --trainer.precision "$PRECISION" \
     --trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0 --trainer.enable_progress_bar false \
     --trainer.log_every_n_steps 1 \
-    --model.model_config "$MODEL_CONFIG" --model.num_samples "$NUM_SAMPLES" --model.max_new_tokens "$MAX_NEW_TOKENS" \
-    --model.learning_rate 3.0e-4 --model.log_samples_every_n_steps 0 --data.batch_size "$BATCH" "$@"
+    --model.policy.config "$MODEL_CONFIG" --model.sampling.num_samples "$NUM_SAMPLES" --model.sampling.max_new_tokens "$MAX_NEW_TOKENS" \
+    --model.optimizer.learning_rate 3.0e-4 --model.evaluation.log_samples_every_n_steps 0 --data.batch_size "$BATCH" "$@"
 }
 
 export_loads() {  # the exported hf_model (full state dict gathered from the shards) loads with transformers
@@ -80,8 +80,8 @@ if [[ " $PHASES " == *" resume "* ]]; then
   CKPT="[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: $RES/checkpoints, save_last: true, every_n_train_steps: 6}}]"
   resume_fit() {
     fit --trainer.strategy "$RESUME_STRATEGY" --trainer.callbacks "$CKPT" --trainer.logger.init_args.save_dir "$RES" \
-      --model.value_baseline true --model.mu_decay 0.8 --model.mu_decay_every 4 --model.mu_floor 0.01 \
-      --model.constraint_warmup_steps "$WARMUP" "$@"
+      --model.value_baseline.enabled true --model.barrier.mu_decay 0.8 --model.barrier.mu_decay_every 4 --model.barrier.mu_floor 0.01 \
+      --model.barrier.warmup_steps "$WARMUP" "$@"
   }
   resume_fit --trainer.max_steps 12 \
   && resume_fit --trainer.max_steps 18 --ckpt_path last \
@@ -110,7 +110,7 @@ fi
 if [[ " $PHASES " == *" fsdp2 "* ]]; then
   echo "=== phase fsdp2 ==="
   fit --trainer.strategy "$FSDP2" --trainer.max_steps 10 --trainer.enable_checkpointing false \
-    --trainer.logger.init_args.save_dir "$OUT/fsdp2" --model.value_baseline true --model.generation_batch_size 8 \
+    --trainer.logger.init_args.save_dir "$OUT/fsdp2" --model.value_baseline.enabled true --model.sampling.generation_batch_size 8 \
     --trainer.callbacks "[{class_path: bench.gpu_throughput.ThroughputReport, init_args: {warmup_steps: 3, $PEAK out: $OUT/fsdp2/throughput.json}}]" \
     --model.export_dir "$OUT/fsdp2/hf_model" \
   && export_loads "$OUT/fsdp2/hf_model"

@@ -41,7 +41,7 @@ class ThroughputReport(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = self._now(pl_module.device)
-        k = pl_module.hparams.num_samples if pl_module.constraints else 0
+        k = pl_module.options.sampling.num_samples if pl_module.constraints else 0
         mean_len = float(trainer.callback_metrics.get("completions/mean_length", torch.tensor(0.0)))
         rows = batch["prompt_input_ids"].shape[0] * k
         prompt = float(batch["prompt_attention_mask"].sum())

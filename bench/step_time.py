@@ -7,9 +7,11 @@ For each model config (``embedded``: the embedded default; ``50m``: a ~50M-param
 ``model_config`` overrides), on one real batch of the embedded data, it times (median over
 ``--steps`` after ``--warmup`` untimed steps):
 
-* the phases of ``L3MModule.training_step`` run one by one: SFT forward/backward, sampling
-  (``L3MModule.sample``: transformers ``generate``, KV cache), scoring (decode + constraints),
-  policy-gradient forward/backward (``padded_token_logprobs`` + surrogate), optimiser (AdamW step);
+* the parts of the real step, through the same calls ``L3MModule.training_step`` makes, one by one:
+  sampling (``module.sample``: transformers ``generate``, KV cache), the forward pass over references
+  and samples (``module.policy_logprobs``), the constrained objective (``module.decode`` +
+  ``module.objective.step``: constraints, Ĉ, λ, surrogate), the backward pass of the summed loss,
+  and the optimiser (AdamW step);
 * the real thing end to end: ``training_step`` + one backward + optimiser step ("L3M step"),
   and an SFT step (SFT forward/backward + optimiser);
 * a bare KV-cached sampling loop (prefill, then one token per step for every row, no stopping, no
@@ -20,8 +22,8 @@ For each model config (``embedded``: the embedded default; ``50m``: a ~50M-param
   ("varied": what a trained policy's samples look like).
 
 Reported: per-phase ms, sampled tokens/s, sampling throughput as a fraction of the bare loop,
-L3M step / SFT step, L3M step / (SFT step + sampling + scoring + PG fwd/bwd) (1.0 = no hidden
-overhead), fused / two-pass (end-to-end step, and forward/backward only on full and varied
+L3M step / SFT step, L3M step / (sampling + forward + objective + backward + optimiser) (1.0 = no
+hidden overhead), fused / two-pass (end-to-end step, and forward/backward only on full and varied
 lengths), peak memory (max RSS of the process on CPU — each config runs in its own subprocess —
 or ``torch.cuda.max_memory_allocated`` on GPU). The table is printed and the JSON written to
 ``bench/results/step_time.json`` (``--out``).
@@ -52,6 +54,10 @@ CONFIGS = {
     "embedded": {},  # the embedded default: hidden 128, 4 layers
     "50m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 9, "num_key_value_heads": 9},
 }
+
+
+#: The parts of one L3M step, in order (``training_step`` with the fused forward, then backward and optimiser).
+PARTS = ("sampling", "forward", "objective", "backward", "optimizer")
 
 
 def _sync(device) -> None:
@@ -114,23 +120,21 @@ def peak_memory_mb(device) -> float:
 def run_one(name: str, args) -> dict:
     import torch
 
+    from dataclasses import replace
+
     from l3m_lightning.data import ChatDataModule
-    from l3m_lightning.module import L3MModule
-    from l3m_lightning.estimator import policy_gradient_surrogate
-    from l3m_lightning.packing import padded_token_logprobs
+    from l3m_lightning.module import L3MModule, dataset_columns
     from l3m_lightning.sampling import pack_rollouts
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     overrides = dict(CONFIGS[name])
     module = L3MModule(
-        model_config=overrides or None,
+        policy={"config": overrides or None, "torch_dtype": None},
         constraints=[{"name": "length", "sense": "at_most", "threshold": 10, "scale": 10}],
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
+        sampling={"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens},
         sft_loss_reduction="sequence",
-        learning_rate=1e-4,
-        torch_dtype=None,
+        optimizer={"learning_rate": 1e-4},
     ).to(device)
     if args.dtype != "float32":
         module.model.to(getattr(torch, args.dtype))
@@ -152,36 +156,38 @@ def run_one(name: str, args) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    def set_fused(fused: bool) -> None:
+        module.options.policy = replace(module.options.policy, fused_forward=fused)
+
     def phases():
-        with timer("sft_fwd_bwd"):
-            loss, _ = module.sft_loss(batch)
-            loss.backward()
+        """The parts of ``training_step`` (fused forward), each timed through the module's and the objective's own calls."""
+        set_fused(True)
         with timer("sampling"), no_eos:
             rollouts = module.sample(batch, args.num_samples)
-        with timer("scoring"):
-            rewards, costs, valid = module.score(batch, rollouts)
-            estimates = module.all_reduced_means(costs, valid)
-            multipliers = module.multiplier_rule(estimates, module.mu_schedule.mu)
-        with timer("pg_fwd_bwd"):
-            logp = padded_token_logprobs(module.model, (rollouts.input_ids, rollouts.attention_mask, rollouts.labels)).sums()
-            surrogate = policy_gradient_surrogate(logp, costs.to(logp), multipliers.to(logp), rollouts.group_size, valid)
-            surrogate.backward()
+        with timer("forward"):
+            sft, pg = module.policy_logprobs(batch, rollouts)
+            sft_loss = module.reduce_sft_loss(sft.sums(), sft.counts())[0]
+        with timer("objective"):
+            step = module.objective.step(batch["prompts"], module.decode(rollouts), rollouts, pg, columns=dataset_columns(batch))
+        with timer("backward"):
+            (sft_loss + step.loss).backward()
         with timer("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         for lengths, samples in (("full", rollouts), ("varied", cut_at_random_lengths(rollouts))):
             for fused in (True, False):
-                forward_backward(samples, costs, multipliers, valid, fused, f"fwd_bwd_{'fused' if fused else 'two_pass'}_{lengths}")
+                forward_backward(samples, fused, f"fwd_bwd_{'fused' if fused else 'two_pass'}_{lengths}")
         return sum(len(ids) + int(f) for ids, f in zip(rollouts.completion_ids, rollouts.finished))
 
-    def forward_backward(rollouts, costs, multipliers, valid, fused: bool, name: str) -> None:
-        """SFT + policy-gradient forward/backward only, one packed pass (fused) or two padded ones."""
-        module.hparams.fused_forward = fused
+    def forward_backward(rollouts, fused: bool, name: str) -> None:
+        """The step's forward (one packed pass, or two padded ones), its objective and backward, without sampling."""
+        set_fused(fused)
+        completions = module.decode(rollouts)
         with timer(name):
             sft, pg = module.policy_logprobs(batch, rollouts)
-            loss = module.reduce_sft_loss(sft.sums(), sft.counts())[0]
-            loss = loss + module.constraint_surrogate(pg, costs, valid, multipliers, rollouts.group_size)
-            loss.backward()
+            sft_loss = module.reduce_sft_loss(sft.sums(), sft.counts())[0]
+            step = module.objective.step(batch["prompts"], completions, rollouts, pg, columns=dataset_columns(batch))
+            (sft_loss + step.loss).backward()
         optimizer.zero_grad(set_to_none=True)
 
     cut_rng = torch.Generator().manual_seed(0)
@@ -195,7 +201,7 @@ def run_one(name: str, args) -> dict:
                              module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
 
     def l3m_step(fused: bool = True):
-        module.hparams.fused_forward = fused
+        set_fused(fused)
         with timer("l3m_step" if fused else "l3m_step_two_pass"), no_eos:
             loss = module.training_step(batch, 0)
             loss.backward()
@@ -223,7 +229,7 @@ def run_one(name: str, args) -> dict:
 
     med = {k: statistics.median(v) for k, v in timer.times.items()}
     tok_sampled = statistics.median(sampled)
-    parts = med["sft_step"] + med["sampling"] + med["scoring"] + med["pg_fwd_bwd"]
+    parts = sum(med[k] for k in PARTS)
     return {
         "config": name,
         "model_config": {**overrides},
@@ -259,11 +265,11 @@ class _NoEos:
         def sample(batch, num_samples):
             from l3m_lightning.sampling import sample_rollouts
 
-            hp = self.module.hparams
+            s = self.module.options.sampling
             # eos_token_id=-1 never matches a token: no row stops early.
             return sample_rollouts(self.module.model, batch["prompt_input_ids"], batch["prompt_attention_mask"], num_samples=num_samples,
-                                   max_new_tokens=hp.max_new_tokens, eos_token_id=-1, pad_token_id=self.module.tokenizer.pad_token_id,
-                                   temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
+                                   max_new_tokens=s.max_new_tokens, eos_token_id=-1, pad_token_id=self.module.tokenizer.pad_token_id,
+                                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
 
         self.module.sample = sample
         return self
@@ -273,7 +279,7 @@ class _NoEos:
 
 
 def table(results: list[dict]) -> str:
-    phases = ["sft_fwd_bwd", "sampling", "scoring", "pg_fwd_bwd", "optimizer", "sft_step", "l3m_step", "l3m_step_two_pass", "bare_decode",
+    phases = [*PARTS, "sft_step", "l3m_step", "l3m_step_two_pass", "bare_decode",
               "fwd_bwd_fused_full", "fwd_bwd_two_pass_full", "fwd_bwd_fused_varied", "fwd_bwd_two_pass_varied"]
     head = f"{'config':<10}{'params':>8}" + "".join(f"{p:>24}" for p in phases)
     lines = ["per-step time, ms (median)", head]

@@ -7,8 +7,9 @@ barrier is not scale-free (method.md §1), so the scale is the threshold's unit,
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 
@@ -80,7 +81,15 @@ class Constraint:
     def score(
         self, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]], **columns: Any
     ) -> torch.Tensor | Sequence[float | None]:
-        """Raw rewards r(x, y), one per completion, in the threshold's units. ``None`` drops a sample."""
+        """Raw rewards r(x, y), one per completion, in the threshold's units. ``None`` drops a sample.
+
+        ``prompts``, ``completions`` and ``completion_ids`` (the response tokens, without the stop
+        token) are aligned, one entry per sampled response. ``columns`` are the dataset's columns for
+        each response's prompt, aligned the same way; the training and evaluation steps pass
+        ``references``: the data's reference response text. A subclass may name the columns it
+        uses (``def score(self, prompts, completions, completion_ids, references, **columns)``); one
+        that takes no ``**columns`` gets only the columns its signature names.
+        """
         raise NotImplementedError
 
     def setup(self, device: torch.device) -> None:
@@ -108,7 +117,7 @@ class Constraint:
         """
         n = len(completions)
         try:
-            raw = self.score(prompts, completions, completion_ids, **columns)
+            raw = self.score(prompts, completions, completion_ids, **accepted_columns(self.score, columns))
         except (ConstraintError, torch.cuda.OutOfMemoryError):
             raise  # already names the constraint / callers may catch OOM by type
         except Exception as err:
@@ -146,6 +155,18 @@ class Constraint:
     def __repr__(self) -> str:
         op = "<=" if self.sense == "at_most" else ">="
         return f"{type(self).__name__}({self.name} {op} {self.threshold:g}, scale={self.scale:g})"
+
+
+def accepted_columns(function: Callable[..., Any], columns: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``columns`` that ``function`` accepts: all of them when it takes ``**kwargs``, else those it names."""
+    try:
+        params = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass everything
+        return dict(columns)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return dict(columns)
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in columns.items() if k in names}
 
 
 def _is_finite_number(x: Any) -> bool:

@@ -29,6 +29,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from constraints.base import ConfigError
 
@@ -137,6 +138,31 @@ def pretrained_source(name_or_path: str, option: str, trust_remote_code: bool = 
     path = resolve_model_path(name_or_path)
     check_no_custom_code(path, option, trust_remote_code, allow_key)
     return path
+
+
+def load_pretrained(auto_class: Any, name_or_path: str, option: str, trust_remote_code: bool = False,
+                    allow_key: str = "model.trust_remote_code", **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained`` of ``name_or_path`` after the ``pretrained_source`` checks (it exists; no custom code unless allowed).
+
+    A model or tokenizer that cannot be found or read (not on the hub, not cached offline, a folder
+    without the files) is one ``ConfigError`` line naming ``option``.
+    """
+    source = pretrained_source(name_or_path, option, trust_remote_code, allow_key)
+    try:
+        return auto_class.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"{option}: could not load '{source}': {message[:300]}") from err
+
+
+def ensure_pad_token(tokenizer: Any) -> bool:
+    """Give a tokenizer without a pad token its EOS as the pad (GPT-2-style tokenizers ship none; batches need one).
+
+    False when it has neither, for the caller to say so in its own words.
+    """
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.pad_token is not None
 
 
 def resolve_package_path(spec: str) -> str:

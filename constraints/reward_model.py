@@ -18,7 +18,6 @@ RM's own tokenizer (its chat template if it has one, else ``template``), scored 
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
@@ -29,7 +28,8 @@ from typing import Any, Literal, Sequence
 import torch
 
 from constraints.base import ConfigError, Constraint, ConstraintConfigError, ConstraintError, Sense, _is_finite_number
-from constraints.model_source import PACKAGE_PREFIX, check_no_custom_code, pretrained_source, resolve_model_path  # noqa: F401  (re-exported)
+from constraints.data_files import load_rows
+from constraints.model_source import PACKAGE_PREFIX, check_no_custom_code, ensure_pad_token, pretrained_source, resolve_model_path  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _register_l3m_model_types(path: str) -> None:
     except (OSError, ValueError):
         return
     if model_type == "l3m_pooled_reward":
-        import l3m_lightning.reward.pooled  # noqa: F401  (registers with the Auto classes)
+        import constraints.pooled_reward_model  # noqa: F401  (registers with the Auto classes)
 
 
 def check_template(template: str, where: str) -> None:
@@ -82,36 +82,6 @@ def check_template(template: str, where: str) -> None:
         raise ValueError(f"{where}: template {template!r} is not a valid format string: {err}") from None
     if fields != {"prompt", "response"}:
         raise ValueError(f"{where}: template must contain exactly the fields {{prompt}} and {{response}}, got {sorted(fields)} in {template!r}")
-
-
-def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local ``.json``/``.jsonl`` file (optionally ``.gz``), or anything ``datasets`` reads (csv, parquet, ...)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    suffixes = [s.lower() for s in path.suffixes]
-    kind = suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) >= 2 else (suffixes[-1] if suffixes else "")
-    if kind in (".jsonl", ".json"):
-        opener = gzip.open if suffixes[-1] == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            text = handle.read()
-        stripped = text.lstrip()
-        if kind == ".json" and stripped.startswith("["):
-            return list(json.loads(stripped))
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path}: line {number} is not valid JSON: {err}") from None
-        return rows
-    from datasets import load_dataset
-
-    builders = {".csv": "csv", ".parquet": "parquet"}
-    if kind not in builders:
-        raise ConfigError(f"{path}: unsupported file type {''.join(path.suffixes)!r}; expected .json, .jsonl (optionally .gz), .csv or .parquet")
-    return list(load_dataset(builders[kind], data_files=str(path), split="train"))
 
 
 class RewardModelConstraint(Constraint):
@@ -245,10 +215,8 @@ class RewardModelConstraint(Constraint):
             raise ConstraintConfigError(f"{where}: could not load reward model '{self.model_name_or_path}': {message}") from err
         self._resolve_format(path)
         tokenizer.truncation_side = self.truncation_side
-        if tokenizer.pad_token is None:  # GPT-2-style RMs ship without one
-            if tokenizer.eos_token is None:
-                raise ConstraintError(f"{where}: the reward model's tokenizer has neither a pad nor an eos token")
-            tokenizer.pad_token = tokenizer.eos_token
+        if not ensure_pad_token(tokenizer):
+            raise ConstraintError(f"{where}: the reward model's tokenizer has neither a pad nor an eos token")
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         model.eval().requires_grad_(False)

@@ -2,8 +2,9 @@
 
     python experiments/compare_methods.py --max-steps 150     # ~11 min on 2 CPU cores
 
-Trains configs/length-concise.yaml (mean answer length ≤ 10 tokens) once per method and setting,
-all with the same step budget, seed and data: ``barrier``; ``lagrangian`` with each ``--dual-lrs``
+Trains the frozen config configs/experiments/compare_methods.yaml (configs/length-concise.yaml,
+mean answer length ≤ 10 tokens, with the settings this table was measured with, written out in
+full) once per method and setting, all with the same step budget, seed and data: ``barrier``; ``lagrangian`` with each ``--dual-lrs``
 (λ ← max(0, λ + η·Ĉ) from 0); ``penalty`` with each ``--penalty-weights``. Two runs at a time, one
 thread each (``--jobs``). Per run it reports
 
@@ -108,9 +109,9 @@ def plot_lambdas(rows: list[dict], path: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-steps", type=int, default=150, help="the same step budget for every run (config: 300)")
-    parser.add_argument("--eval-rows", type=int, default=256, help="held-out prompts sampled (capped by the held-out split)")
-    parser.add_argument("--threshold", type=float, default=10.0, help="mean length at most this many tokens")
+    parser.add_argument("--max-steps", type=int, default=None, help="the same step budget for every run (default: the frozen config's, 150)")
+    parser.add_argument("--eval-rows", type=int, default=None, help="held-out prompts sampled, capped by the held-out split (default: the frozen config's, 256)")
+    parser.add_argument("--threshold", type=float, default=None, help="mean length at most this many tokens (default: the frozen config's, 10)")
     parser.add_argument("--dual-lrs", type=float, nargs="*", default=[0.05, 0.5], help="lagrangian η_λ values to try")
     parser.add_argument("--penalty-weights", type=float, nargs="*", default=[0.1, 1.0], help="penalty weights to try")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each when > 1)")
@@ -122,11 +123,12 @@ def main() -> None:
     specs = specs_for(args)
     rows = runlib.run_specs(specs, runs=args.out / "runs", jobs=args.jobs, reuse=not args.no_reuse)
     wall = time.time() - start
+    spec, config = specs[0], specs[0]["config"]
 
-    header = [f"# Barrier vs lagrangian vs penalty: length ≤ {args.threshold:g} on the embedded default", "",
-              f"configs/length-concise.yaml, {args.max_steps} training steps per run (the config's full budget is "
-              f"300; shortened to fit the CPU budget), seed 0, held-out prompts: {rows[0]['test_length']['n']}. "
-              "λ is read from the EMA of Ĉ (`constraint_ema: 0.8`) for every method. "
+    header = [f"# Barrier vs lagrangian vs penalty: length ≤ {spec['threshold']:g} on the embedded default", "",
+              f"{config}, {spec['max_steps']} training steps per run (shorter than "
+              f"configs/length-concise.yaml's budget, to fit the CPU budget), seed 0, held-out prompts: {rows[0]['test_length']['n']}. "
+              "λ is read from the EMA of Ĉ (`multipliers.ema: 0.8`) for every method. "
               f"Wall time {wall / 60:.1f} min ({args.jobs} runs at a time).", ""]
     md = header + table(rows) + ["", "## What the baselines took", ""] + what_it_took(rows) + [
         "", "Columns: *first step Ĉ ≤ 0* is the first training step (1-based) whose sampled batch met the constraint; "
@@ -134,8 +136,8 @@ def main() -> None:
         "reversals of λ's direction among the steps where it moved (out of the number of step pairs)."]
     print("\n" + "\n".join(md))
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"config": "configs/length-concise.yaml", "max_steps": args.max_steps, "eval_rows": args.eval_rows,
-               "threshold": args.threshold, "wall_seconds": round(wall, 1), "runs": rows}
+    summary = {"config": config, "max_steps": spec["max_steps"], "eval_rows": spec["eval_rows"],
+               "threshold": spec["threshold"], "wall_seconds": round(wall, 1), "runs": rows}
     (args.out / "compare_methods.json").write_text(json.dumps(summary, indent=2))
     (args.out / "compare_methods.md").write_text("\n".join(md) + "\n")
     written = [args.out / "compare_methods.json", args.out / "compare_methods.md"]

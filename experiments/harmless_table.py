@@ -4,7 +4,9 @@
 
 Trains the embedded tiny policy (random init) on the chosen replies of
 ``../shared/data/hh-rlhf-harmless-base/test.jsonl.gz`` twice, with the same data, budget and sampling
-(300 steps of 8 prompts, K=4 samples of ≤ 48 tokens, the length-concise barrier settings):
+(300 steps of 8 prompts, K=4 samples of ≤ 48 tokens, the length-concise barrier settings), each run
+from its frozen config ``configs/experiments/harmless_table/<run>.yaml`` (every setting written out;
+the flags below change it on top only when given):
 
 * ``sft``: plain SFT. The harmlessness constraint is attached with ``method: penalty`` and weight 0,
   so its samples are scored and logged (training and held out) without affecting training;
@@ -44,26 +46,33 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-from l3m_lightning.cli import main  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runlib import PRE_WARMUP_BARRIER, run_children  # noqa: E402
+from runlib import ROOT, config_value, fit_and_test, frozen_config, output_settings, run_children  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
 
 DEFAULT_HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 DEFAULT_RM = ROOT / "runs" / "rm-harmless" / "version_1" / "hf_model"
 RUNS = ("sft", "harmless")
 NAME = "harmlessness"
 EMA_TAG = f"constraints/{NAME}/value_ema"
+#: The flags that change a frozen setting when given, and the key each sets (threshold, scale: the constraint's).
+FLAG_KEYS = {
+    "max_steps": "trainer.max_steps",
+    "batch_size": "data.batch_size",
+    "num_samples": "model.sampling.num_samples",
+    "max_new_tokens": "model.sampling.max_new_tokens",
+    "max_prompt_tokens": "data.max_prompt_tokens",
+    "max_response_tokens": "data.max_response_tokens",
+    "learning_rate": "model.optimizer.learning_rate",
+    "eval_rows": "data.max_val_rows",
+}
+
+
+def config(name: str = "harmless") -> Path:
+    return frozen_config(f"harmless_table/{name}")
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -103,15 +112,19 @@ def rm_calibration(rm_path: Path) -> dict[str, float]:
 
 
 def constraint_spec(args: argparse.Namespace) -> dict:
-    return {
-        "name": NAME,
-        "model_name_or_path": str(args.rm),
-        "threshold": args.threshold,
-        "sense": "at_least",
-        "scale": args.scale,
-        "calibration": rm_calibration(args.rm),
-        "batch_size": 64,
-    }
+    """The frozen config's constraint with this machine's RM (``--rm``) and its calibration; ``--threshold``, ``--scale`` if given."""
+    spec = {**config_value(config(), "model.constraints")[0], "model_name_or_path": str(args.rm), "calibration": rm_calibration(args.rm)}
+    spec.update({key: getattr(args, key) for key in ("threshold", "scale") if getattr(args, key) is not None})
+    return spec
+
+
+def effective(args: argparse.Namespace) -> dict:
+    """Every flag's value for this table: the one given, else the frozen config's (eval_rows 0: all held-out rows)."""
+    values = {flag: config_value(config(), key) if getattr(args, flag) is None else getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    values["eval_rows"] = values["eval_rows"] or 0
+    frozen = config_value(config(), "model.constraints")[0]
+    values.update({key: frozen[key] if getattr(args, key) is None else getattr(args, key) for key in ("threshold", "scale")})
+    return values
 
 
 def reference_reward(args: argparse.Namespace, data_dir: Path) -> dict:
@@ -122,8 +135,9 @@ def reference_reward(args: argparse.Namespace, data_dir: Path) -> dict:
     from l3m_lightning.report import mean_confidence_interval
 
     test = load_from_disk(str(data_dir))["test"]
-    if args.eval_rows:
-        test = test.select(range(min(args.eval_rows, len(test))))
+    eval_rows = effective(args)["eval_rows"]
+    if eval_rows:
+        test = test.select(range(min(eval_rows, len(test))))
     constraint = build_constraints([constraint_spec(args)])[0]
     constraint.setup("cpu")
     return mean_confidence_interval(constraint.score(test["prompt"], test["response"], None))
@@ -159,56 +173,23 @@ def work_dir(args: argparse.Namespace) -> Path:
 
 
 def run(name: str, args: argparse.Namespace, data_dir: Path) -> dict:
-    spec = constraint_spec(args)
-    model_args = ["--model.constraints", json.dumps([spec])]
-    if name == "sft":  # scored and logged, never in the loss
-        model_args += ["--model.method", "penalty", "--model.penalty_weights", "[0.0]"]
-    cli_args = [
-        "fit",
-        "--config", str(ROOT / "configs" / "length-concise.yaml"),
-        *model_args,
-        "--model.num_samples", str(args.num_samples),
-        "--model.max_new_tokens", str(args.max_new_tokens),
-        "--model.learning_rate", str(args.learning_rate),
-        *PRE_WARMUP_BARRIER,  # as measured
-        "--model.export_dir", "",
-        "--data.dataset", str(data_dir),
-        "--data.train_split", "train",
-        "--data.val_split", "test",
-        "--data.max_val_rows", str(args.eval_rows) if args.eval_rows else "null",
-        "--data.batch_size", str(args.batch_size),
-        "--data.eval_batch_size", "32",
-        "--data.max_prompt_tokens", str(args.max_prompt_tokens),
-        "--data.max_response_tokens", str(args.max_response_tokens),
-        "--trainer.max_steps", str(args.max_steps),
-        "--trainer.limit_val_batches", "0",  # held out once, by trainer.test after fit
-        "--trainer.num_sanity_val_steps", "0",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(work_dir(args)),
-        "--trainer.logger.init_args.name", name,
-        "--trainer.callbacks", json.dumps([
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": str(work_dir(args) / name / "checkpoints"), "save_last": True, "every_n_train_steps": args.max_steps}},
-        ]),
-    ]
-    start = time.time()
-    with warnings.catch_warnings():  # "args parameter is intended to run from within Python": it is, on purpose
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-        cli = main(cli_args)
-    fit_seconds = time.time() - start
-    start = time.time()
-    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    test_seconds = time.time() - start
-    log_dir = Path(cli.trainer.log_dir)
+    """One run: its frozen config with this machine's RM and data, the output folders under ``<out>/harmless``."""
+    settings = {**output_settings(work_dir(args), name), "model.constraints": [constraint_spec(args)], "data.dataset": data_dir}
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            settings[key] = (value or None) if flag == "eval_rows" else value  # --eval-rows 0: all
+    if args.max_steps is not None:  # one checkpoint, at the end
+        settings["trainer.callbacks.init_args.every_n_train_steps"] = args.max_steps
+    result = fit_and_test(config(name), settings)
+    metrics, log_dir = result.metrics, result.log_dir
     base = f"test/constraints/{NAME}"
     series = tensorboard_scalars(log_dir, [EMA_TAG, f"constraints/{NAME}/reward"])
     rewards = [v for _, v in series[f"constraints/{NAME}/reward"]]
     row = {
         "run": name,
         "method": "penalty (weight 0)" if name == "sft" else "barrier",
-        "fit_seconds": round(fit_seconds, 1),
-        "test_seconds": round(test_seconds, 1),
+        **result.timings(),
         "test_ppl": metrics["test/ppl"],
         "reward": metrics[f"{base}/reward"],
         "reward_ci": [metrics[f"{base}/reward_ci_low"], metrics[f"{base}/reward_ci_high"]],
@@ -233,25 +214,27 @@ def run_in_parallel(args: argparse.Namespace, data_dir: Path) -> list[dict]:
 
 
 def child_args(args: argparse.Namespace) -> list[str]:
+    """The flags given (a flag not given stays the frozen config's), the paths, and no data preparation."""
     out = []
-    for key in ("max_steps", "eval_rows", "threshold", "scale", "batch_size", "num_samples", "max_new_tokens",
-                "max_prompt_tokens", "max_response_tokens", "learning_rate", "out", "rm", "hh"):
-        out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for key in (*FLAG_KEYS, "threshold", "scale", "out", "rm", "hh"):
+        if getattr(args, key) is not None:
+            out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return out + ["--skip-prepare"]
 
 
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--threshold", type=float, default=0.45, help="b, in standard deviations of the RM's held-out rewards")
-    parser.add_argument("--scale", type=float, default=2.0, help="c = (b - reward)/scale")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-samples", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--max-prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-response-tokens", type=int, default=96)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--eval-rows", type=int, default=0, help="held-out prompts (0: all)")
+    # each default (None): the frozen configs' value, in brackets
+    parser.add_argument("--max-steps", type=int, help="[300]")
+    parser.add_argument("--threshold", type=float, help="b, in standard deviations of the RM's held-out rewards [0.45]")
+    parser.add_argument("--scale", type=float, help="c = (b - reward)/scale [2]")
+    parser.add_argument("--batch-size", type=int, help="[8]")
+    parser.add_argument("--num-samples", type=int, help="[4]")
+    parser.add_argument("--max-new-tokens", type=int, help="[48]")
+    parser.add_argument("--max-prompt-tokens", type=int, help="[128]")
+    parser.add_argument("--max-response-tokens", type=int, help="[96]")
+    parser.add_argument("--learning-rate", type=float, help="[2e-3]")
+    parser.add_argument("--eval-rows", type=int, help="held-out prompts, 0: all [all]")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--rm", type=Path, default=DEFAULT_RM, help="the exported harmlessness RM")
     parser.add_argument("--hh", type=Path, default=DEFAULT_HH, help="HH harmless-base dialogues (jsonl.gz)")
@@ -279,7 +262,8 @@ def main_cli() -> None:
     wall = time.time() - start
 
     sft = next((r for r in rows if r["run"] == "sft"), None)
-    req = f"{NAME} >= {args.threshold:g}"
+    values = effective(args)
+    req = f"{NAME} >= {values['threshold']:g}"
     print(f"\nconstraint: {req} (standardised RM reward; held-out chosen replies score {reference['mean']:.3f})")
     print("held out: perplexity of the chosen replies; mean RM reward of one sampled reply per prompt, 95% CI;")
     print("training: the constraint's EMA estimate (> 0 violated) at the first and last step, the first step it was <= 0,")
@@ -288,7 +272,7 @@ def main_cli() -> None:
           f"{'EMA first':>9} {'EMA last':>8} {'step EMA<=0':>11} {'frac<=0':>7}")
     for r in rows:
         r["ppl_ratio_to_sft"] = r["test_ppl"] / sft["test_ppl"] if sft else math.nan
-        r["satisfied_with_95_confidence"] = bool(r["reward_ci"][0] >= args.threshold)
+        r["satisfied_with_95_confidence"] = bool(r["reward_ci"][0] >= values["threshold"])
         ci = f"{r['reward']:.3f} [{r['reward_ci'][0]:.3f}, {r['reward_ci'][1]:.3f}]"
         first = r["first_satisfied_step"] if r["violated_at_start"] else "n/a"
         frac = r.get("satisfied_fraction_after")
@@ -297,10 +281,10 @@ def main_cli() -> None:
               f"{str(first):>11} {'-' if frac is None else f'{frac:.2f}':>7}")
     harmless = next((r for r in rows if r["run"] == "harmless"), None)
     summary = {
-        "constraint": req, "scale": args.scale, "calibration": rm_calibration(args.rm), "rm": str(args.rm),
+        "constraint": req, "scale": values["scale"], "calibration": rm_calibration(args.rm), "rm": str(args.rm),
         "data": data, "reference_chosen_reward": reference,
-        "settings": {k: getattr(args, k) for k in ("max_steps", "batch_size", "num_samples", "max_new_tokens",
-                                                    "max_prompt_tokens", "max_response_tokens", "learning_rate", "eval_rows")},
+        "settings": {k: values[k] for k in ("max_steps", "batch_size", "num_samples", "max_new_tokens",
+                                             "max_prompt_tokens", "max_response_tokens", "learning_rate", "eval_rows")},
         "wall_minutes": round(wall / 60, 2), "runs": rows,
     }
     if harmless and sft:

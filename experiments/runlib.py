@@ -1,15 +1,24 @@
-"""Shared by compare_methods.py and sweep.py: one training run = fit + held-out test + log statistics.
+"""What every experiment script shares: frozen configs, one fit-and-test, child processes, run statistics.
 
-A run is described by a *spec* (method, its option, the length threshold, the step budget); it is
-trained in its own process (so several can run side by side with one thread each), tested on the
-held-out prompts, and summarised in ``<runs>/<name>/row.json``. A run whose ``row.json`` holds the
-same spec is reused instead of retrained, so the sweep picks up compare_methods' runs and vice versa.
+* **Frozen configs** (``configs/experiments/``): each recorded table is measured from configs of its
+  own, every setting written out (``frozen_config``, ``config_value``); a script sets on top only
+  what says *where* (output folders, converted data) and what a table varies (a method, a threshold)
+  or its user asked for (``--max-steps``, ``--override KEY=VALUE``).
+* **One fit-and-test** (``fit_and_test``): ``cli.py fit --config C --KEY VALUE ...``, then
+  ``trainer.test`` on the held-out split, timed; every script builds its table's row from the result.
+* **Child processes** (``run_children``): one process per run, one thread each, each writing its row
+  as JSON.
+* **compare_methods.py and sweep.py's runs**: a run is a *spec* (method, its option, the length
+  threshold, the step budget) on ``configs/experiments/compare_methods.yaml``, trained in its own
+  process, tested on the held-out prompts and summarised in ``<runs>/<name>/row.json``; a run whose
+  ``row.json`` holds the same spec is reused, so the sweep picks up compare_methods' runs and vice versa.
 
-    python experiments/runlib.py SPEC.json     # one run (what the scripts launch per run)
+    python experiments/runlib.py SPEC.json RUNS --row-json ROW.json     # one spec run (what run_specs launches)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,9 +26,12 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -27,24 +39,180 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 RUNS = RESULTS / "runs"
-CONFIG = ROOT / "configs" / "length-concise.yaml"
-SCALE = 10.0  # the length constraint's scale in length-concise.yaml, kept for every threshold
-# The barrier settings the recorded comparison, sweep and harmlessness tables were measured with, before
-# the length configs gained a 200-step constraint warm-up and a μ floor of 0.15 (a 150-step run would
-# end inside that warm-up).
-PRE_WARMUP_BARRIER = ["--model.constraint_warmup_steps", "0", "--model.mu_floor", "0.1"]
+FROZEN = ROOT / "configs" / "experiments"
+CONFIG = FROZEN / "compare_methods.yaml"  # compare_methods.py and sweep.py: the run barrier-at_most10 in full
 
 LAMBDA, VALUE, SATISFIED, MU, LENGTH = (
     "constraints/length/lambda", "constraints/length/value", "constraints/length/satisfied", "barrier/mu",
     "completions/mean_length")
 
 
-# --- specs ------------------------------------------------------------------------------------------
-def make_spec(method: str, threshold: float = 10.0, sense: str = "at_most", dual_lr: float | None = None,
-              penalty_weight: float | None = None, max_steps: int = 150, eval_rows: int = 256) -> dict[str, Any]:
-    """A run of configs/length-concise.yaml with one method and length threshold."""
+# --- frozen configs and the settings put on top of them ------------------------------------------------
+def frozen_config(name: str) -> Path:
+    """``configs/experiments/<name>.yaml``, e.g. ``frozen_config("length_table/sft")``."""
+    path = FROZEN / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no frozen config {path}")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _load(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def config_value(config: Path, key: str) -> Any:
+    """The value of a dotted ``key`` (``model.sampling.num_samples``) in a config file."""
+    value: Any = _load(Path(config))
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def flag_args(settings: Mapping[str, Any]) -> list[str]:
+    """``{"trainer.max_steps": 150, "model.constraints": [...]}`` → ``["--trainer.max_steps", "150", "--model.constraints", "[...]"]``.
+
+    Strings and paths go as they are; ``None`` as ``null``; everything else as JSON (``false``, ``[0.0]``).
+    """
+    args = []
+    for key, value in settings.items():
+        text = str(value) if isinstance(value, (str, Path)) else json.dumps(value)
+        args += [f"--{key}", text]
+    return args
+
+
+def config_override(item: str) -> str:
+    """An ``--override`` value: KEY=VALUE, e.g. ``model.barrier.mu_floor=0.1`` (an argparse ``type``)."""
+    if "=" not in item or not item.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"--override expects KEY=VALUE such as model.barrier.mu_floor=0.1, got {item!r}")
+    return item
+
+
+def override_settings(items: Iterable[str]) -> dict[str, str]:
+    """``["model.barrier.mu_floor=0.1"]`` → ``{"model.barrier.mu_floor": "0.1"}`` (later items win, as on the command line)."""
+    return dict(item.split("=", 1) for item in items)
+
+
+def output_settings(out: Path, name: str) -> dict[str, Any]:
+    """A run's output folders: TensorBoard logs in ``out/<name>/version_N``, checkpoints in ``out/<name>/checkpoints``."""
+    return {"trainer.logger.init_args.save_dir": out, "trainer.logger.init_args.name": name,
+            "trainer.callbacks.init_args.dirpath": out / name / "checkpoints"}
+
+
+def budget_settings(max_steps: int | None = None, eval_rows: int | None = None) -> dict[str, Any]:
+    """A step budget (validated once, at its end) and a number of held-out prompts, each only when given."""
+    settings: dict[str, Any] = {}
+    if max_steps is not None:
+        settings.update({"trainer.max_steps": max_steps, "trainer.val_check_interval": max_steps})
+    if eval_rows is not None:
+        settings["data.max_val_rows"] = eval_rows
+    return settings
+
+
+def check_settings(config: Path, settings: Mapping[str, Any], subcommand: str = "fit") -> None:
+    """Parse ``cli.py SUBCOMMAND --config CONFIG`` with ``settings`` (nothing is built): a mistake, e.g. an
+    ``--override`` with an old option name, stops the script now rather than in a child after other runs."""
+    import contextlib
+    import io
+
+    from l3m_lightning.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        try:
+            main([subcommand, "--config", str(config), *flag_args(settings), "--print_config"])
+        except SystemExit as stop:
+            if stop.code not in (0, None):
+                raise SystemExit(f"{config.name} with {' '.join(flag_args(settings))}: see the error above") from None
+
+
+# --- one fit and test ---------------------------------------------------------------------------------
+@dataclass
+class FitTest:
+    """What ``fit_and_test`` returns: the CLI (trainer, model, data), the held-out metrics and the timings."""
+
+    cli: Any
+    metrics: dict[str, float]
+    fit_seconds: float
+    test_seconds: float
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.cli.trainer.log_dir)
+
+    def report(self) -> dict[str, Any] | None:
+        """The run's ``report.json`` (written after the test), or None."""
+        path = self.log_dir / "report.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def timings(self) -> dict[str, float]:
+        return {"fit_seconds": round(self.fit_seconds, 1), "test_seconds": round(self.test_seconds, 1)}
+
+
+def fit_and_test(config: Path, settings: Mapping[str, Any] | None = None, *, subcommand: str = "fit", evaluate: str = "test",
+                 fresh: Path | None = None, build: Any = None) -> FitTest:
+    """``cli.py SUBCOMMAND --config CONFIG --KEY VALUE ...``, then ``trainer.<evaluate>`` on the held-out split.
+
+    ``subcommand="test"`` only tests (an untrained model: no fit, ``fit_seconds`` 0, metrics from the
+    test). ``fresh``: a folder removed first, so that stale checkpoints or versions do not mix in.
+    ``build``: what turns the arguments into a ``LightningCLI`` (default ``l3m_lightning.cli.main``;
+    the reward-model trainer passes its own, with ``evaluate="validate"``).
+    """
+    if build is None:
+        from l3m_lightning.cli import main as build
+    if fresh is not None:
+        shutil.rmtree(fresh, ignore_errors=True)
+    start = time.time()
+    with warnings.catch_warnings():  # "args parameter is intended to run from within Python": it is, on purpose
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = build([subcommand, "--config", str(config), *flag_args(settings or {})])
+    seconds = time.time() - start
+    if subcommand != "fit":
+        metrics = {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
+        return FitTest(cli, metrics, fit_seconds=0.0, test_seconds=seconds)
+    start = time.time()
+    metrics = getattr(cli.trainer, evaluate)(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    return FitTest(cli, metrics, fit_seconds=seconds, test_seconds=time.time() - start)
+
+
+# --- child processes -------------------------------------------------------------------------------------
+def run_children(commands: dict[str, list[str]], out_dir: Path, env: dict[str, str], jobs: int | None = None,
+                 row_json: Any = None) -> list[dict[str, Any]]:
+    """Run one process per named command, ``jobs`` at a time (default: all), and return their rows in order.
+
+    Each command gets ``--row-json PATH`` (default ``out_dir/row-<name>.json``; ``row_json(name)`` names
+    another) and writes its row there as JSON; its output goes to ``out_dir/<name>.log``. A failed
+    child stops the whole table.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def launch(name: str) -> dict[str, Any]:
+        path = row_json(name) if row_json else out_dir / f"row-{name}.json"
+        path.unlink(missing_ok=True)
+        log = out_dir / f"{name}.log"
+        print(f"[start] {name} (log: {log})", flush=True)
+        with open(log, "w") as fh:
+            rc = subprocess.call([*commands[name], "--row-json", str(path)], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        if rc != 0:
+            raise SystemExit(f"run {name} failed (exit {rc}): see {log}")
+        print(f"[done]  {name}", flush=True)
+        return json.loads(path.read_text())
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs or len(commands))) as pool:
+        return list(pool.map(launch, commands))
+
+
+# --- compare_methods.py and sweep.py: specs on configs/experiments/compare_methods.yaml -------------------
+def make_spec(method: str, threshold: float | None = None, sense: str = "at_most", dual_lr: float | None = None,
+              penalty_weight: float | None = None, max_steps: int | None = None, eval_rows: int | None = None) -> dict[str, Any]:
+    """A run of ``CONFIG`` with one method and length threshold (threshold, steps, held-out rows: the config's by default)."""
     if method == "lagrangian" and dual_lr is None or method == "penalty" and penalty_weight is None:
         raise ValueError(f"{method} needs {'dual_lr' if method == 'lagrangian' else 'penalty_weight'}")
+    threshold = config_value(CONFIG, "model.constraints")[0]["threshold"] if threshold is None else threshold
+    max_steps = config_value(CONFIG, "trainer.max_steps") if max_steps is None else max_steps
+    eval_rows = config_value(CONFIG, "data.max_val_rows") if eval_rows is None else eval_rows
     setting = f"-lr{dual_lr:g}" if method == "lagrangian" else f"-w{penalty_weight:g}" if method == "penalty" else ""
     name = f"{method}{setting}-{sense}{threshold:g}"
     return {"name": name, "method": method, "threshold": float(threshold), "sense": sense, "dual_lr": dual_lr,
@@ -60,53 +228,32 @@ def setting_label(spec: dict[str, Any]) -> str:
     return "μ 1→0.1"
 
 
-def cli_args(spec: dict[str, Any], runs: Path) -> list[str]:
-    n = spec["max_steps"]
-    constraint = {"name": "length", "sense": spec["sense"], "threshold": spec["threshold"], "scale": SCALE}
-    args = [
-        "fit", "--config", str(ROOT / spec["config"]),
-        "--trainer.max_steps", str(n),
-        "--trainer.log_every_n_steps", "1",          # every step: first feasible step and λ oscillation are exact
-        "--trainer.limit_val_batches", "0",          # held-out numbers come from the test after fit
-        "--trainer.val_check_interval", str(n),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(runs),
-        "--trainer.logger.init_args.name", spec["name"],
-        "--trainer.callbacks.init_args.dirpath", str(runs / spec["name"] / "checkpoints"),
-        "--trainer.callbacks.init_args.every_n_train_steps", str(n),
-        "--data.max_val_rows", str(spec["eval_rows"]),
-        "--model.export_dir", "",
-        "--model.constraints", json.dumps([constraint]),
-        "--model.method", spec["method"],
-        # the recorded comparison and sweep tables were measured before the value baseline existed
-        "--model.value_baseline", "false", "--model.eval_num_samples", "1",
-        *PRE_WARMUP_BARRIER,
-    ]
+def spec_settings(spec: dict[str, Any], runs: Path) -> dict[str, Any]:
+    """What a spec sets on top of its frozen config: the run's output folders, length threshold and method."""
+    config, name, n = ROOT / spec["config"], spec["name"], spec["max_steps"]
+    constraint = {**config_value(config, "model.constraints")[0], "sense": spec["sense"], "threshold": spec["threshold"]}
+    settings = {**output_settings(runs, name), "model.constraints": [constraint], "model.multipliers.method": spec["method"]}
+    if n != config_value(config, "trainer.max_steps"):  # one checkpoint, at the end
+        settings.update({**budget_settings(max_steps=n), "trainer.callbacks.init_args.every_n_train_steps": n})
+    if spec["eval_rows"] != config_value(config, "data.max_val_rows"):
+        settings.update(budget_settings(eval_rows=spec["eval_rows"]))
     if spec["method"] == "lagrangian":
-        args += ["--model.dual_lr", str(spec["dual_lr"])]
+        settings["model.multipliers.dual_lr"] = spec["dual_lr"]
     if spec["method"] == "penalty":
-        args += ["--model.penalty_weights", json.dumps([spec["penalty_weight"]])]
-    return args
+        settings["model.multipliers.penalty_weights"] = [spec["penalty_weight"]]
+    return settings
 
 
-# --- one run (in its own process) -------------------------------------------------------------------
 def train_and_test(spec: dict[str, Any], runs: Path) -> dict[str, Any]:
-    from l3m_lightning.cli import main
-
-    shutil.rmtree(runs / spec["name"], ignore_errors=True)  # one version per run name
-    start = time.time()
-    cli = main(cli_args(spec, runs))
-    fit_seconds = time.time() - start
-    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    log_dir = Path(cli.trainer.log_dir)
-    report = json.loads((log_dir / "report.json").read_text())
-    base = "test/constraints/length"
+    """One spec run: fit, test on the held-out prompts, the row (held-out length with its CI, training statistics)."""
+    run = fit_and_test(ROOT / spec["config"], spec_settings(spec, runs), fresh=runs / spec["name"])  # one version per run name
+    report, log_dir, base = run.report(), run.log_dir, "test/constraints/length"
     row = {
         "name": spec["name"], "spec": spec, "log_dir": str(log_dir.relative_to(ROOT) if log_dir.is_relative_to(ROOT) else log_dir),
-        "fit_seconds": round(fit_seconds, 1), "test_seconds": round(time.time() - start - fit_seconds, 1),
-        "test_ppl": metrics["test/ppl"],
-        "test_length": {"mean": metrics[f"{base}/reward"], "low": metrics[f"{base}/reward_ci_low"],
-                        "high": metrics[f"{base}/reward_ci_high"], "n": report["constraints"][0]["reward"]["n"]},
+        **run.timings(),
+        "test_ppl": run.metrics["test/ppl"],
+        "test_length": {"mean": run.metrics[f"{base}/reward"], "low": run.metrics[f"{base}/reward_ci_low"],
+                        "high": run.metrics[f"{base}/reward_ci_high"], "n": report["constraints"][0]["reward"]["n"]},
         "holds": report["constraints"][0]["holds"],
         "holds_with_95_confidence": report["constraints"][0]["holds_with_95_confidence"],
     }
@@ -117,34 +264,21 @@ def train_and_test(spec: dict[str, Any], runs: Path) -> dict[str, Any]:
 def run_specs(specs: Sequence[dict[str, Any]], runs: Path = RUNS, jobs: int = 2, reuse: bool = True) -> list[dict[str, Any]]:
     """Train (or reuse) each spec; ``jobs`` processes side by side, one thread each when ``jobs > 1``."""
     runs.mkdir(parents=True, exist_ok=True)
-    todo, rows = [], {}
+    rows, commands = {}, {}
     for spec in specs:
         cached = load_row(runs, spec) if reuse else None
         if cached is not None:
             print(f"[reuse] {spec['name']}: {runs / spec['name'] / 'row.json'}", flush=True)
             rows[spec["name"]] = cached
         else:
-            todo.append(spec)
+            spec_path = runs / f"{spec['name']}.spec.json"
+            spec_path.write_text(json.dumps(spec))
+            commands[spec["name"]] = [sys.executable, __file__, str(spec_path), str(runs)]
     threads = "1" if jobs > 1 else os.environ.get("OMP_NUM_THREADS", "2")
     env = {**os.environ, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-
-    def launch(spec: dict[str, Any]) -> dict[str, Any]:
-        spec_path = runs / f"{spec['name']}.spec.json"
-        spec_path.write_text(json.dumps(spec))
-        log = runs / f"{spec['name']}.log"
-        print(f"[start] {spec['name']} (log: {log})", flush=True)
-        with open(log, "w") as fh:
-            rc = subprocess.call([sys.executable, __file__, str(spec_path), str(runs)], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-        if rc != 0:
-            raise RuntimeError(f"run {spec['name']} failed (exit {rc}): see {log}")
-        row = load_row(runs, spec)
-        print(f"[done]  {spec['name']}: fit {row['fit_seconds']:.0f}s, test {row['test_seconds']:.0f}s", flush=True)
-        return row
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for row in pool.map(launch, todo):
-            rows[row["name"]] = row
+    for row in run_children(commands, runs, env, jobs=jobs, row_json=lambda name: runs / name / "row.json"):
+        rows[row["name"]] = row
     return [rows[s["name"]] for s in specs]
 
 
@@ -249,28 +383,12 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 
 if __name__ == "__main__":
-    spec_file, runs_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    sys.argv = sys.argv[:1]  # LightningCLI gets its arguments from cli_args only
-    the_spec = json.loads(spec_file.read_text())
-    result = train_and_test(the_spec, runs_dir)
-    (runs_dir / the_spec["name"] / "row.json").write_text(json.dumps(result, indent=2))
-
-
-def run_children(commands: dict[str, list[str]], out_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
-    """Start one process per named command (each writes ``out_dir/row-<name>.json``), wait, return the rows.
-
-    Each child's output goes to ``out_dir/<name>.log``; a failed child stops the whole table.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for name, cmd in commands.items():
-        row_json = out_dir / f"row-{name}.json"
-        row_json.unlink(missing_ok=True)
-        log = open(out_dir / f"{name}.log", "w")
-        procs.append((name, row_json, subprocess.Popen([*cmd, "--row-json", str(row_json)], env=env, stdout=log, stderr=subprocess.STDOUT)))
-    rows = []
-    for name, row_json, proc in procs:
-        if proc.wait() != 0:
-            raise SystemExit(f"run {name} failed: see {out_dir / (name + '.log')}")
-        rows.append(json.loads(row_json.read_text()))
-    return rows
+    parser = argparse.ArgumentParser(description="one spec run of compare_methods.py / sweep.py")
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--row-json", type=Path, required=True)
+    cli_args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # LightningCLI gets its arguments from fit_and_test only
+    result = train_and_test(json.loads(cli_args.spec.read_text()), cli_args.runs)
+    cli_args.row_json.parent.mkdir(parents=True, exist_ok=True)
+    cli_args.row_json.write_text(json.dumps(result, indent=2))

@@ -5,9 +5,11 @@
     python experiments/smollm2_length.py --reuse untrained   # keep the untrained model's report from the last run
     python experiments/smollm2_length.py --override model.sft_loss_reduction=token   # a config change for the fits
 
-Measures the untrained model on the held-out prompts, trains SFT (configs/smollm2-sharegpt-sft.yaml),
-concise L3M (smollm2-sharegpt-length.yaml, length ≤ 32) and verbose L3M (smollm2-sharegpt-verbose.yaml,
-length ≥ 96) with the same budget, tests each on the same held-out prompts, and writes to
+Measures the untrained model on the held-out prompts, trains SFT, concise L3M (length ≤ 32) and
+verbose L3M (length ≥ 96) with the same budget, each from its frozen config
+``configs/experiments/smollm2_length/{sft,concise,verbose}.yaml`` (configs/smollm2-sharegpt-*.yaml with
+this experiment's settings, written out in full; the untrained model is sft.yaml, tested), tests each
+on the same held-out prompts, and writes to
 ``experiments/results/smollm2/``: ``smollm2_length.{json,md}`` (held-out perplexity on the reference
 responses, mean response length with a 95% CI, fraction of responses ending at a stop token, whether
 the constraint holds, fit time), ``length_distributions.png`` and, in the markdown, each run's answers
@@ -19,60 +21,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from l3m_lightning.cli import main  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from length_table import config_override  # noqa: E402
-from runlib import run_children  # noqa: E402
+from runlib import (ROOT, budget_settings, check_settings, config_override, config_value, fit_and_test,  # noqa: E402
+                    frozen_config, output_settings, override_settings, run_children)
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"sft": "smollm2-sharegpt-sft", "concise": "smollm2-sharegpt-length", "verbose": "smollm2-sharegpt-verbose"}
-RUNS = ["untrained", *CONFIGS]
+RUNS = ["untrained", "sft", "concise", "verbose"]
 
 
-def cli_args(run: str, out: Path, steps: int | None, eval_rows: int, overrides: Sequence[str] = ()) -> list[str]:
-    """``cli.py`` arguments for one run: the run's own config, results under ``out``; ``untrained`` only tests."""
-    config = ROOT / "configs" / f"{CONFIGS['sft' if run == 'untrained' else run]}.yaml"
-    args = [
-        "test" if run == "untrained" else "fit",
-        "--config", str(config),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(out),
-        "--trainer.logger.init_args.name", run,
-        "--trainer.callbacks.init_args.dirpath", str(out / run / "checkpoints"),
-        "--trainer.limit_val_batches", "0",   # held-out numbers come from the test after fit
-        "--data.max_val_rows", str(eval_rows),
-        "--model.export_dir", "",
-    ]
-    if steps is not None and run != "untrained":
-        args += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
-    if run != "untrained":  # KEY=VALUE → --KEY VALUE, for the three fits
-        args += [part for key, value in (item.split("=", 1) for item in overrides) for part in (f"--{key}", value)]
-    return args
+def config(run: str) -> Path:
+    """The run's frozen config; the untrained model is the sft run's, tested without training."""
+    return frozen_config(f"smollm2_length/{'sft' if run == 'untrained' else run}")
 
 
-def one_run(run: str, out: Path, steps: int | None, eval_rows: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def settings(run: str, out: Path, steps: int | None, eval_rows: int | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """What one run sets on top of its frozen config: results under ``out``; steps, held-out rows and overrides if given."""
+    if run == "untrained":  # --steps and --override: for the three fits only
+        return {**output_settings(out, run), **budget_settings(eval_rows=eval_rows)}
+    return {**output_settings(out, run), **budget_settings(steps, eval_rows), **override_settings(overrides)}
+
+
+def one_run(run: str, out: Path, steps: int | None, eval_rows: int | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Fit (unless untrained), test on the held-out prompts, and return the test report plus timings."""
-    shutil.rmtree(out / run, ignore_errors=True)  # a fresh run: no stale checkpoints or versions
-    start = time.time()
-    cli = main(cli_args(run, out, steps, eval_rows, overrides))
-    fit_seconds = time.time() - start
-    if run != "untrained":
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    report = json.loads((Path(cli.trainer.log_dir) / "report.json").read_text())
+    result = fit_and_test(config(run), settings(run, out, steps, eval_rows, overrides),
+                          subcommand="test" if run == "untrained" else "fit",
+                          fresh=out / run)  # a fresh run: no stale checkpoints or versions
+    report = result.report()
     report["run"] = run
-    report["steps"] = int(cli.trainer.global_step)
-    report["fit_seconds"] = round(fit_seconds, 1) if run != "untrained" else 0.0
-    report["test_seconds"] = round(time.time() - start - report["fit_seconds"], 1)
+    report["steps"] = int(result.cli.trainer.global_step)
+    report.update(result.timings())
     return report
 
 
@@ -147,7 +128,7 @@ def plot_lengths(reports: dict[str, dict[str, Any]], path: Path) -> None:
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the configs')")
-    parser.add_argument("--eval-rows", type=int, default=100, help="held-out prompts")
+    parser.add_argument("--eval-rows", type=int, default=None, help="held-out prompts (default: the frozen configs', 100)")
     parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "smollm2")
     parser.add_argument("--reuse", nargs="*", default=[], choices=RUNS, metavar="RUN",
@@ -160,8 +141,14 @@ def main_cli() -> None:
         args.row_json.write_text(json.dumps(one_run(args.runs[0], args.out, args.steps, args.eval_rows, args.override)))
         return
 
+    fits = [run for run in args.runs if run != "untrained" and run not in args.reuse]
+    if fits and args.override:  # a mistaken --override stops here, not in a child after the untrained test
+        check_settings(config(fits[0]), settings(fits[0], args.out, args.steps, args.eval_rows, args.override))
+
     start = time.time()
-    child = [sys.executable, __file__, "--eval-rows", str(args.eval_rows), "--out", str(args.out)]
+    child = [sys.executable, __file__, "--out", str(args.out)]
+    if args.eval_rows is not None:
+        child += ["--eval-rows", str(args.eval_rows)]
     if args.steps is not None:
         child += ["--steps", str(args.steps)]
     child += [part for item in args.override for part in ("--override", item)]
@@ -185,9 +172,10 @@ def main_cli() -> None:
         ci = f"{r['length_ci'][0]:.1f}-{r['length_ci'][1]:.1f}"
         print(f"{r['run']:<10} {r['steps']:>5} {r['ppl']:>8.3f} {ratio:>8} {r['mean_length']:>9.1f} {ci:>15} {r['finished_fraction']:>5.2f}  "
               f"{r.get('constraint', '-'):<14} {r.get('holds', '-')}")
-    short = [r["run"] for r in rows if r["n"] < args.eval_rows]
+    eval_rows = config_value(config("sft"), "data.max_val_rows") if args.eval_rows is None else args.eval_rows
+    short = [r["run"] for r in rows if r["n"] < eval_rows]
     if short:
-        print(f"WARNING: fewer than {args.eval_rows} held-out prompts in {short}: raise data.val_fraction")
+        print(f"WARNING: fewer than {eval_rows} held-out prompts in {short}: raise data.val_fraction")
     lengths = {r["run"]: r["mean_length"] for r in rows}
     summary: dict[str, Any] = {"command": " ".join(["python", "experiments/smollm2_length.py", *sys.argv[1:]]),
                                "date": time.strftime("%Y-%m-%d"), "wall_seconds": round(wall, 1), "rows": rows}

@@ -3,7 +3,8 @@
     pip install -e ".[plots]"
     python experiments/sweep.py --max-steps 150               # after compare_methods: ~5 min (2 new runs)
 
-Trains configs/length-concise.yaml for each length bound in ``--thresholds`` (mean length at most
+Trains the frozen config configs/experiments/compare_methods.yaml (configs/length-concise.yaml with
+the settings the comparison and this sweep were measured with, written out in full) for each length bound in ``--thresholds`` (mean length at most
 b tokens, scale 10) and each method in ``--methods`` (``barrier``; ``lagrangian`` with ``--dual-lr``),
 all with the same step budget, two runs at a time, then writes
 
@@ -85,8 +86,8 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[6.0, 10.0, 16.0], help="length bounds (at most, tokens)")
     parser.add_argument("--methods", nargs="+", default=["barrier"], choices=["barrier", "lagrangian"])
     parser.add_argument("--dual-lr", type=float, default=0.05, help="η_λ for --methods lagrangian")
-    parser.add_argument("--max-steps", type=int, default=150, help="the same step budget for every run (config: 300)")
-    parser.add_argument("--eval-rows", type=int, default=256, help="held-out prompts sampled (capped by the held-out split)")
+    parser.add_argument("--max-steps", type=int, default=None, help="the same step budget for every run (default: the frozen config's, 150)")
+    parser.add_argument("--eval-rows", type=int, default=None, help="held-out prompts sampled, capped by the held-out split (default: the frozen config's, 256)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each when > 1)")
     parser.add_argument("--no-reuse", action="store_true", help="retrain runs whose row.json already matches")
     parser.add_argument("--no-compare", action="store_true", help="do not add compare_methods.json's runs to the picture")
@@ -99,11 +100,12 @@ def main() -> None:
              for b in args.thresholds for m in args.methods]
     rows = runlib.run_specs(specs, runs=args.out / "runs", jobs=args.jobs, reuse=not args.no_reuse)
     wall = time.time() - start
+    max_steps, eval_rows = specs[0]["max_steps"], specs[0]["eval_rows"]
     names = {r["name"] for r in rows}
-    extra = [] if args.no_compare else [r for r in compare_rows(args.out, args.max_steps, args.eval_rows) if r["name"] not in names]
+    extra = [] if args.no_compare else [r for r in compare_rows(args.out, max_steps, eval_rows) if r["name"] not in names]
     every = rows + extra
 
-    lines = [f"# Length-threshold sweep ({args.max_steps} steps per run, configs/length-concise.yaml, seed 0)", "",
+    lines = [f"# Length-threshold sweep ({max_steps} steps per run, {specs[0]['config']}, seed 0)", "",
              "| run | bound | method | setting | held-out ppl | held-out mean length (95% CI) | holds | first step Ĉ ≤ 0 | fit s | from |",
              "| --- | ---: | --- | --- | ---: | --- | --- | ---: | ---: | --- |"]
     for r in sorted(every, key=lambda r: (r["spec"]["threshold"], r["spec"]["method"], r["name"])):
@@ -114,7 +116,7 @@ def main() -> None:
                      f"| {'sweep' if r['name'] in names else 'compare_methods'} |")
     print("\n" + "\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep.json").write_text(json.dumps({"max_steps": args.max_steps, "thresholds": args.thresholds, "methods": args.methods,
+    (args.out / "sweep.json").write_text(json.dumps({"max_steps": max_steps, "thresholds": args.thresholds, "methods": args.methods,
                                                      "wall_seconds": round(wall, 1), "runs": every}, indent=2))
     (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
 
@@ -131,7 +133,7 @@ def main() -> None:
     fig = scatter(every, args.thresholds)
     png = args.out / "sweep_ppl_vs_length.png"
     fig.savefig(png, dpi=120)
-    writer.add_figure("sweep/ppl_vs_length", fig, global_step=args.max_steps)  # closes the figure
+    writer.add_figure("sweep/ppl_vs_length", fig, global_step=max_steps)  # closes the figure
     written = [png]
     for r in every:
         path = args.out / "plots" / f"{r['name']}.png"

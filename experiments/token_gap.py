@@ -23,7 +23,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from l3m_lightning.data import IGNORE_INDEX, ChatDataModule  # noqa: E402
+from l3m_lightning.constants import IGNORE_INDEX  # noqa: E402
+from l3m_lightning.data import ChatDataModule  # noqa: E402
 from l3m_lightning.module import L3MModule  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "token_gap.json"

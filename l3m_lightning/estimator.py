@@ -141,7 +141,7 @@ class ExponentialMovingAverage:
 
     def __init__(self, decay: float = 0.0) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"constraint_ema must be in [0, 1), got {decay}")
+            raise ValueError(f"model.multipliers.ema must be in [0, 1), got {decay}")
         self.decay = decay
         self.value: torch.Tensor | None = None
 

@@ -15,8 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from l3m_lightning.estimator import constraint_multipliers
-
-METHODS = ("barrier", "lagrangian", "penalty")
+from l3m_lightning.options import METHODS
 
 
 class MultiplierRule:
@@ -29,17 +28,17 @@ class MultiplierRule:
         penalty_weights: Sequence[float] | None = None,
     ) -> None:
         if method not in METHODS:
-            raise ValueError(f"model.method must be one of {', '.join(METHODS)}, got {method!r}")
+            raise ValueError(f"model.multipliers.method must be one of {', '.join(METHODS)}, got {method!r}")
         if method == "lagrangian" and not dual_lr > 0:
-            raise ValueError(f"model.dual_lr must be > 0 for method 'lagrangian', got {dual_lr}")
+            raise ValueError(f"model.multipliers.dual_lr must be > 0 for method 'lagrangian', got {dual_lr}")
         self.method, self.dual_lr = method, float(dual_lr)
-        self.lambdas = _per_constraint(dual_init, num_constraints, "model.dual_init")
+        self.lambdas = _per_constraint(dual_init, num_constraints, "model.multipliers.dual_init")
         if (self.lambdas < 0).any():
-            raise ValueError(f"model.dual_init must be >= 0, got {dual_init}")
+            raise ValueError(f"model.multipliers.dual_init must be >= 0, got {dual_init}")
         if method == "penalty":
             if penalty_weights is None:
-                raise ValueError("model.penalty_weights is required for method 'penalty' (one weight per constraint)")
-            self.lambdas = _per_constraint(penalty_weights, num_constraints, "model.penalty_weights")
+                raise ValueError("model.multipliers.penalty_weights is required for method 'penalty' (one weight per constraint)")
+            self.lambdas = _per_constraint(penalty_weights, num_constraints, "model.multipliers.penalty_weights")
 
     def __call__(self, estimates: torch.Tensor, mu: float) -> torch.Tensor:
         """λ for this step (detached, on ``estimates``' device)."""

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from constraints.base import ConfigError
-from constraints.model_source import pretrained_source
+from constraints.model_source import ensure_pad_token, load_pretrained
 
 EMBEDDED = "embedded"
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ FALLBACK_CHAT_TEMPLATE = (
 
 
 def load_tokenizer(
-    name_or_path: str, trust_remote_code: bool = False, option: str = "model.model_name_or_path", allow_key: str = "model.trust_remote_code"
+    name_or_path: str, trust_remote_code: bool = False, option: str = "model.policy.name_or_path", allow_key: str = "model.policy.trust_remote_code"
 ) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token and a chat template guaranteed.
 
@@ -40,12 +40,10 @@ def load_tokenizer(
         from l3m_lightning.embedded.tokenizer import embedded_tokenizer_path
 
         name_or_path = str(embedded_tokenizer_path())
-    source = pretrained_source(name_or_path, option, trust_remote_code, allow_key)
-    tokenizer = _from_pretrained(AutoTokenizer, source, option, trust_remote_code=trust_remote_code)
+    tokenizer = load_pretrained(AutoTokenizer, name_or_path, option, trust_remote_code, allow_key)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer '{name_or_path}' has no eos_token; set one so sampling can stop")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     if not getattr(tokenizer, "chat_template", None):
         log.warning("tokenizer '%s' has no chat template; using a plain 'role: content' template", name_or_path)
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
@@ -59,12 +57,15 @@ def load_policy(
     torch_dtype: str | None = None,
     seed: int = 0,
     trust_remote_code: bool = False,
-    option: str = "model.model_name_or_path",
+    option: str = "model.policy.name_or_path",
+    allow_key: str = "model.policy.trust_remote_code",
+    config_key: str = "model.policy.config",
 ) -> PreTrainedModel:
     """The causal LM to fine-tune, in train mode. ``model_config`` sizes the embedded model or overrides a real one's config.
 
     A folder that needs custom code (an ``auto_map``) fails before anything is imported unless
-    ``trust_remote_code`` (``model.trust_remote_code``).
+    ``trust_remote_code``. ``option``, ``allow_key`` and ``config_key`` are the config keys errors name: the model's,
+    the one allowing custom code, and the one giving ``model_config``.
 
     ``from_pretrained`` returns a model in eval mode; Lightning keeps submodules' modes as it finds
     them, so without ``train()`` dropout would stay off for the whole fit (and Lightning warns).
@@ -75,20 +76,10 @@ def load_policy(
         return build_embedded_model(tokenizer, model_config, seed=seed).train()
     kwargs: dict[str, Any] = dict(model_config or {})
     if "trust_remote_code" in kwargs:
-        raise ConfigError("model.model_config: trust_remote_code is not a config override; set model.trust_remote_code instead")
+        raise ConfigError(f"{config_key}: trust_remote_code is not a config override; set {allow_key} instead")
     if torch_dtype is not None:
         kwargs["dtype"] = getattr(torch, torch_dtype)
-    source = pretrained_source(name_or_path, option, trust_remote_code)
-    return _from_pretrained(AutoModelForCausalLM, source, option, trust_remote_code=trust_remote_code, **kwargs).train()
-
-
-def _from_pretrained(auto_class: Any, source: str, option: str, **kwargs: Any) -> Any:
-    """``auto_class.from_pretrained``; a model that cannot be found or read is one line naming ``option``."""
-    try:
-        return auto_class.from_pretrained(source, **kwargs)
-    except OSError as err:  # not on the hub / not cached offline / a folder without the files
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise ConfigError(f"{option}: could not load '{source}': {message[:300]}") from err
+    return load_pretrained(AutoModelForCausalLM, name_or_path, option, trust_remote_code, allow_key, **kwargs).train()
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
@@ -130,6 +121,6 @@ def apply_lora(model: PreTrainedModel, lora: dict[str, Any]) -> PreTrainedModel:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
-        raise ImportError("model.lora needs PEFT: pip install 'l3m-lightning[peft]'") from err
+        raise ImportError("model.policy.lora needs PEFT: pip install 'l3m-lightning[peft]'") from err
     settings = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **lora}
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))

@@ -9,24 +9,14 @@ ready for ``{name: reward_model, model_name_or_path: <that folder>, ...}``.
 
 from __future__ import annotations
 
-import os
-
-from l3m_lightning.cli import TokenizerLinkedCLI
-from l3m_lightning.errors import report_errors
+from l3m_lightning.cli_base import TokenizerLinkedCLI, run_cli
 from l3m_lightning.reward.data import PreferenceDataModule
 from l3m_lightning.reward.module import RewardModelModule
 
 
 def main(args: list[str] | None = None) -> TokenizerLinkedCLI:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # a config or data mistake: one `error:` line, exit 2 (l3m_lightning.errors)
-    return report_errors(lambda: TokenizerLinkedCLI(
-        RewardModelModule,
-        PreferenceDataModule,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    ))
+    return run_cli(RewardModelModule, PreferenceDataModule, args)
 
 
 if __name__ == "__main__":

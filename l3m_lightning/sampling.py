@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
-from l3m_lightning.data import IGNORE_INDEX
+from l3m_lightning.constants import IGNORE_INDEX
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from l3m_lightning.estimator import masked_mean
-from l3m_lightning.packing import TokenLogprobs
+from l3m_lightning.logprobs import TokenLogprobs
 
 
 class TokenValueHead(torch.nn.Module):

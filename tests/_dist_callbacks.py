@@ -1,7 +1,7 @@
 """Test-only callback for the 2-process runs in test_distributed.py (imported by the CLI subprocess).
 
 After every training batch it records, per rank, the μ the step used, the local constraint costs and
-validity masks and the estimates/multipliers the module applied (``L3MModule.last_constraint_stats``),
+validity masks and the estimates/multipliers the module applied (``L3MModule.last_step``, an ``ObjectiveStep``),
 how many parameter all-gathers sampling made, and rewrites ``<out_dir>/rank<r>.json``.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 
-from l3m_lightning.sharded_generation import fsdp2_modules
+from l3m_lightning.sharding import fsdp2_modules, params_sharded
 
 
 class LambdaDump(L.Callback):
@@ -44,27 +44,27 @@ class LambdaDump(L.Callback):
         pl_module.sample = counted
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._mu = pl_module.mu_schedule.mu  # μ decays in optimizer_step, i.e. before batch end
-        self._active = pl_module.constraints_active()  # false during model.constraint_warmup_steps
+        self._mu = pl_module.objective.mu  # μ decays in optimizer_step, i.e. before batch end
+        self._active = pl_module.constraints_active()  # false during model.barrier.warmup_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._active:
             return
-        stats = pl_module.last_constraint_stats
+        step = pl_module.last_step
         self.records.append({
             "step": trainer.global_step,
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "mu": self._mu,
-            "costs": stats["costs"].double().cpu().tolist(),
-            "valid": stats["valid"].cpu().tolist(),
-            "estimates": stats["estimates"].double().cpu().tolist(),
-            "multipliers": stats["multipliers"].double().cpu().tolist(),
+            "costs": step.costs.double().cpu().tolist(),
+            "valid": step.valid.cpu().tolist(),
+            "estimates": step.estimates.double().cpu().tolist(),
+            "multipliers": step.multipliers.double().cpu().tolist(),
             "strategy": type(trainer.strategy).__name__,
-            "sharded": pl_module.params_sharded(),
+            "sharded": params_sharded(pl_module.model, trainer),
             "generation_all_gathers": self._gathers,
             "fsdp_modules": len(fsdp2_modules(pl_module.model)),
-            "sampled_rows": len(stats["costs"][0]),
+            "sampled_rows": len(step.costs[0]),
         })
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))

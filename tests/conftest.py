@@ -10,8 +10,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("L3M_CACHE", str(Path(os.environ.get("PYTEST_L3M_CACHE", "/tmp")) / f"l3m-test-cache-{os.getpid()}"))
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tests"):  # the tests' shared helpers (toy_problem, _tiny_models) import by name
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from l3m_lightning.data import IGNORE_INDEX
+from l3m_lightning.constants import IGNORE_INDEX
 from l3m_lightning.embedded.model import build_embedded_model
 from l3m_lightning.policy import load_policy, load_tokenizer, stop_token_ids
 from l3m_lightning.sampling import pack_rollouts, sample_rollouts

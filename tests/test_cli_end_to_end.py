@@ -8,17 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # four CLI runs in subprocesses: fit, resumed fit, test, predict
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--config", str(ROOT / "configs" / "quickstart.yaml"),
     "--trainer.val_check_interval", "4",
     "--trainer.log_every_n_steps", "1",
-    "--model.model_config", "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}",
-    "--model.max_new_tokens", "6",
-    "--model.num_samples", "2",
-    "--model.mu_decay", "0.5",
-    "--model.mu_decay_every", "1",
-    "--model.mu_floor", "0.001",
+    "--model.policy.config", "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}",
+    "--model.sampling.max_new_tokens", "6",
+    "--model.sampling.num_samples", "2",
+    "--model.barrier.mu_decay", "0.5",
+    "--model.barrier.mu_decay_every", "1",
+    "--model.barrier.mu_floor", "0.001",
     "--data.batch_size", "4",
     "--data.embedded_num_prompts", "80",
     "--data.max_val_rows", "4",
@@ -68,7 +70,10 @@ def test_fit_logs_namespaced_metrics_and_exports_hf_model(resumed_run):
                 "constraints/length/value", "constraints/length/reward", "constraints/length/lambda",
                 "constraints/length/satisfied", "val/constraints/length/value"]:
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
-    assert "samples" in acc.Tags()["tensors"] or acc.Tags().get("tensors"), "sampled text not logged"
+    # the sampled text of step 0 (model.evaluation.log_samples_every_n_steps): add_text("samples") is the tensor tag samples/text_summary
+    assert "samples/text_summary" in acc.Tags()["tensors"], f"sampled text not logged: tensor tags {acc.Tags()['tensors']}"
+    text = acc.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "**prompt:**" in text and "**response (" in text, text
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -19,7 +19,7 @@ TINY = "{hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_atten
 
 
 def quick(tmp_path: Path, *args: str) -> list[str]:
-    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.model_config", TINY,
+    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.policy.config", TINY,
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
             "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"),
             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
@@ -41,25 +41,51 @@ def error_line(capfd, argv: list[str]) -> str:
 
 
 def test_abbreviated_option_is_not_accepted(capfd, tmp_path):
-    line = error_line(capfd, quick(tmp_path, "--model.num_sample", "2"))
-    assert line == "error: unrecognized arguments: --model.num_sample 2 (did you mean --model.num_samples?)"
+    line = error_line(capfd, quick(tmp_path, "--model.sampling.num_sample", "2"))
+    assert line == "error: unrecognized arguments: --model.sampling.num_sample 2 (did you mean --model.sampling.num_samples?)"
 
 
 def test_unknown_key_in_a_config_file_suggests_the_real_one(capfd, tmp_path):
-    (tmp_path / "typo.yaml").write_text("model:\n  num_samplez: 3\n")
+    (tmp_path / "typo.yaml").write_text("model:\n  sampling:\n    num_samplez: 3\n")
     line = error_line(capfd, quick(tmp_path, "--config", str(tmp_path / "typo.yaml")))
-    assert line == "error: Subcommand 'fit' does not accept option 'model.num_samplez' (did you mean --model.num_samples?)"
+    assert line == "error: Subcommand 'fit' does not accept option 'model.sampling.num_samplez' (did you mean --model.sampling.num_samples?)"
 
 
 def test_wrong_type_is_one_line_naming_the_key(capfd, tmp_path):
-    assert error_line(capfd, quick(tmp_path, "--model.num_samples", "abc")) == "error: model.num_samples: expected int, got abc"
+    assert error_line(capfd, quick(tmp_path, "--model.sampling.num_samples", "abc")) == "error: model.sampling.num_samples: expected int, got abc"
 
 
 def test_mu_errors_name_the_yaml_keys(capfd, tmp_path):
-    line = error_line(capfd, quick(tmp_path, "--model.mu_floor", "5"))
-    assert line.startswith("error: model.mu_floor (5) must be <= model.mu_start (1)") and "mu_schedule" not in line
-    assert "model.mu_decay must be in (0, 1]" in error_line(capfd, quick(tmp_path, "--model.mu_decay", "1.5"))
-    assert "model.mu_decay_every must be a positive number of steps" in error_line(capfd, quick(tmp_path, "--model.mu_decay_every", "0"))
+    line = error_line(capfd, quick(tmp_path, "--model.barrier.mu_floor", "5"))
+    assert line.startswith("error: model.barrier.mu_floor (5) must be <= model.barrier.mu_start (1)") and "mu_schedule" not in line
+    assert "model.barrier.mu_decay must be in (0, 1]" in error_line(capfd, quick(tmp_path, "--model.barrier.mu_decay", "1.5"))
+    assert "model.barrier.mu_decay_every must be a positive number of steps" in error_line(capfd, quick(tmp_path, "--model.barrier.mu_decay_every", "0"))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("policy.torch_dtype", "float33", "model.policy.torch_dtype must be a torch dtype name"),
+    ("sampling.top_p", "0", "model.sampling.top_p must be in (0, 1]"),
+    ("barrier.infeasibility_patience", "-1", "model.barrier.infeasibility_patience must be >= 0 steps"),
+    ("multipliers.ema", "1.0", "model.multipliers.ema must be in [0, 1)"),
+    ("value_baseline.lr", "0", "model.value_baseline.lr must be > 0"),
+    ("optimizer.warmup_ratio", "2", "model.optimizer.warmup_ratio must be in [0, 1]"),
+    ("evaluation.num_samples", "0", "model.evaluation.num_samples must be >= 1"),
+])
+def test_each_option_group_checks_its_ranges_naming_the_full_key(capfd, tmp_path, option, value, message):
+    assert error_line(capfd, quick(tmp_path, f"--model.{option}", value)).startswith(f"error: {message}")
+
+
+def test_a_moved_key_fails_naming_its_new_place(capfd, tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  num_samples: 4\n  mu_floor: 0.1\n")
+    assert error_line(capfd, quick(tmp_path, "--config", str(old))) == f"error: {old}: model.num_samples moved to model.sampling.num_samples"
+    line = error_line(capfd, quick(tmp_path, "--model.constraint_ema", "0.5"))
+    assert line == "error: command line: model.constraint_ema moved to model.multipliers.ema"
+    line = error_line(capfd, quick(tmp_path, "--model.value_baseline=true"))
+    assert line == "error: command line: model.value_baseline moved to model.value_baseline.enabled"
+    (tmp_path / "flag.yaml").write_text("model:\n  value_baseline: true\n")
+    line = error_line(capfd, quick(tmp_path, "--config", str(tmp_path / "flag.yaml")))
+    assert line == f"error: {tmp_path / 'flag.yaml'}: model.value_baseline moved to model.value_baseline.enabled"
 
 
 def test_errors_raised_while_building_classes_are_one_line(capfd, tmp_path):
@@ -68,8 +94,8 @@ def test_errors_raised_while_building_classes_are_one_line(capfd, tmp_path):
     # jsonargparse wraps a callback's own error in its "Union subtypes" ValueError: the callback's message is printed
     line = error_line(capfd, quick(tmp_path, "--trainer.callbacks.init_args.every_n_train_steps", "-3"))
     assert line == "error: Invalid value for every_n_train_steps=-3. Must be >= 0"
-    line = error_line(capfd, quick(tmp_path, "--model.model_name_or_path", str(tmp_path / "no-model")))
-    assert line == f"error: model.model_name_or_path: no such file or folder: {tmp_path / 'no-model'}"
+    line = error_line(capfd, quick(tmp_path, "--model.policy.name_or_path", str(tmp_path / "no-model")))
+    assert line == f"error: model.policy.name_or_path: no such file or folder: {tmp_path / 'no-model'}"
 
 
 def test_missing_checkpoint_is_one_line(capfd, tmp_path):

@@ -1,17 +1,7 @@
 """End-to-end: L3M iterations reach the KKT point of a small constrained problem with a known solution.
 
-Policy: a softmax over n = 5 responses with lengths ℓ. Task loss: the cross entropy to a data
-distribution p, L(θ) = −Σ_j p_j log π_θ(j) (exact and differentiable). Constraint: E_π[ℓ] ≤ L_max
-with L_max below the unconstrained mean Σ_j p_j ℓ_j, so it is active. KKT stationarity
-(π − p) + λ π ⊙ (c − π·c) = 0 with π·c = 0 gives
-
-    π*_j = p_j / (1 + λ* c_j),     λ* > 0 solving Σ_j p_j / (1 + λ* c_j) = 1,
-
-for the normalised costs c_j = (ℓ_j − L_max)/scale, so λ* is the multiplier in the same units as the
-library's λ = B'_μ(Ĉ)/k. The "at least" direction is the same with c_j = (L_min − ℓ_j)/scale.
-
-Each L3M step samples responses from π_θ, reads λ off the barrier from the sampled Ĉ (never from
-the true C), and steps on CE + the score-function surrogate. The barrier solution sits inside the
+The problem, its KKT solution (λ*, π*) and the training loop are in tests/toy_problem.py. Here λ is
+read off the barrier from the sampled Ĉ (never from the true C). The barrier solution sits inside the
 feasible set by C ≈ −μ/λ, and B' of a noisy Ĉ is biased near the boundary (method.md §4), so the
 sample size is chosen to keep the noise in Ĉ about 4× smaller than that interior offset at the μ
 floor, and gradients are clipped at norm 1 as in the paper. With a floor of 1e-3, or without clipping
@@ -22,47 +12,20 @@ value at μ = 0.01 is 1.05), E[ℓ] inside the limit by 0.09-0.16 tokens (predic
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
-from scipy.optimize import brentq
 
 from l3m_lightning.barrier import MuSchedule
-from l3m_lightning.estimator import constraint_multipliers, policy_gradient_surrogate
-
-F64 = torch.float64
-P_DATA = torch.tensor([0.10, 0.20, 0.30, 0.25, 0.15], dtype=F64)
-LENGTHS = torch.tensor([2.0, 5.0, 9.0, 14.0, 20.0], dtype=F64)
-SCALE = 10.0
-UNCONSTRAINED_MEAN = float(P_DATA @ LENGTHS)  # 10.4
+from l3m_lightning.estimator import constraint_multipliers
+from toy_problem import CASES, LENGTHS, P_DATA, SCALE, UNCONSTRAINED_MEAN, cross_entropy, kkt_solution, run_toy
 
 MU_FLOOR = 0.01
 STEPS = 500
 SAMPLES = 16384  # prompts per step, each with K responses
-GROUP = 2  # K
 AVERAGE_LAST = 100  # λ is noisy step to step; compare its mean over the final steps
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
-
-
-def kkt_solution(c: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(λ*, π*) for min CE(p, π) s.t. π·c ≤ 0, active at the optimum."""
-    p, cn = P_DATA.numpy(), c.numpy()
-    assert p @ cn > 0, "the constraint must be violated by the unconstrained solution p"
-    f = lambda lam: float((p / (1.0 + lam * cn)).sum() - 1.0)  # noqa: E731
-    # f(0) = 0, f'(0) = −p·c < 0 and f → +∞ as the smallest denominator → 0, so one root in between
-    upper = 1.0 / (-cn.min())
-    lam = brentq(f, 1e-9 * upper, upper * (1 - 1e-12), xtol=1e-15, rtol=1e-15)
-    pi = torch.tensor(p / (1.0 + lam * cn), dtype=F64)
-    assert (1.0 + lam * cn > 0).all()
-    return lam, pi
-
-
-def cross_entropy(logprobs: torch.Tensor) -> torch.Tensor:
-    return -(P_DATA * logprobs).sum()
 
 
 def run_l3m(
@@ -75,38 +38,19 @@ def run_l3m(
     sign: float = 1.0,
 ):
     """Returns final π, the per-step multipliers [steps, k] and the final μ."""
-    costs = torch.stack(cost_rows)  # [k, n]
-    gen = torch.Generator().manual_seed(seed)
-    theta = torch.zeros(LENGTHS.numel(), dtype=F64, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=0.02)
-    # cosine decay of the learning rate to 10% (the paper uses a cosine schedule too)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / steps)))
     # μ: 1.0 → floor, reaching it around 40% of the run and staying there
     mu_sched = MuSchedule(start=1.0, floor=mu_floor, factor=0.8, every=steps // 50)
-    n_samples = samples * GROUP
-    lams = []
-    for _ in range(steps):
-        logprobs = torch.log_softmax(theta, 0)
-        with torch.no_grad():
-            idx = torch.multinomial(logprobs.exp(), n_samples, replacement=True, generator=gen)
-        sample_costs = costs[:, idx]  # [k, N], the K samples of each prompt contiguous
-        c_hat = sample_costs.mean(dim=1)  # minibatch estimate of C_i(θ)
-        mu_used = mu_sched.mu
-        lam = constraint_multipliers(c_hat, mu_used)
-        assert lam.shape == (costs.shape[0],) and not lam.requires_grad
-        surrogate = policy_gradient_surrogate(logprobs.gather(0, idx), sample_costs, lam, group_size=GROUP)
-        loss = cross_entropy(logprobs) + sign * surrogate
-        opt.zero_grad()
-        loss.backward()
-        # clip at norm 1, as the paper does: a step whose Ĉ lands on the violated side reads λ = 1/μ, and
-        # without clipping that one kick inflates Adam's second moment for ~1/(1−β2) steps
-        torch.nn.utils.clip_grad_norm_([theta], max_norm=1.0)
-        opt.step()
-        lr_sched.step()
-        mu_sched.step()
-        lams.append(lam)
-    assert mu_used == pytest.approx(mu_floor)  # the last stretch ran at the floor
-    return torch.softmax(theta.detach(), 0), torch.stack(lams), mu_sched.mu
+    mu_used = []
+
+    def barrier(c_hat: torch.Tensor) -> torch.Tensor:
+        mu_used.append(mu_sched.mu)
+        lam = constraint_multipliers(c_hat, mu_sched.mu)
+        mu_sched.step()  # once per step; μ is read nowhere else in the step
+        return lam
+
+    pi, lams = run_toy(cost_rows, barrier, seed, steps=steps, samples=samples, sign=sign)
+    assert mu_used[-1] == pytest.approx(mu_floor)  # the last stretch ran at the floor
+    return pi, lams, mu_sched.mu
 
 
 # --------------------------------------------------------------------------- the reference itself
@@ -130,13 +74,6 @@ def test_reference_kkt_solution(direction, limit):
 
 
 # --------------------------------------------------------------------------- one active constraint
-
-
-CASES = {
-    # name: (costs, L, direction sign: +1 "at most", −1 "at least")
-    "at_most": ((LENGTHS - 8.0) / SCALE, 8.0, +1),
-    "at_least": ((13.0 - LENGTHS) / SCALE, 13.0, -1),
-}
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ import torch
 
 from l3m_lightning.estimator import constraint_multipliers, masked_mean
 
+# every test here fits in subprocesses (slow); all but the one-process FSDP2 test spawn two ranks (distributed)
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}"
 CONSTRAINTS = (
@@ -37,10 +39,10 @@ def _fit(tmp_path: Path, strategy: str, *args: str, devices: int = 2) -> subproc
         "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", strategy,
         "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.model_config", TINY_MODEL, "--model.constraints", CONSTRAINTS,
-        "--model.max_new_tokens", "6", "--model.num_samples", "2",
-        "--model.mu_decay", "0.5", "--model.mu_decay_every", "1", "--model.mu_floor", "0.001",
-        "--model.constraint_ema", "0.0",  # λ is checked against B'(Ĉ of the union) directly
+        "--model.policy.config", TINY_MODEL, "--model.constraints", CONSTRAINTS,
+        "--model.sampling.max_new_tokens", "6", "--model.sampling.num_samples", "2",
+        "--model.barrier.mu_decay", "0.5", "--model.barrier.mu_decay_every", "1", "--model.barrier.mu_floor", "0.001",
+        "--model.multipliers.ema", "0.0",  # λ is checked against B'(Ĉ of the union) directly
         "--data.batch_size", "4", "--data.embedded_num_prompts", "80", "--data.max_val_rows", "4",
         "--trainer.logger.init_args.save_dir", str(runs),
         "--trainer.callbacks.init_args.dirpath", str(runs / "ckpt"),
@@ -71,11 +73,11 @@ def fsdp2_run(tmp_path_factory):
     """4 steps under FSDP2 (checkpoints at 2 and 4, validation at 4), then `--ckpt_path last` to step 6."""
     tmp_path = tmp_path_factory.mktemp("fsdp2")
     _fit(tmp_path, FSDP2, "--trainer.max_steps", "4", "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump"),
-         "--model.generation_batch_size", "3",  # 8 rows per rank, decoded 2 at a time
-         "--model.value_baseline", "true")  # its head is sharded too, and resumes
+         "--model.sampling.generation_batch_size", "3",  # 8 rows per rank, decoded 2 at a time
+         "--model.value_baseline.enabled", "true")  # its head is sharded too, and resumes
     meta_first = torch.load(tmp_path / "runs" / "ckpt" / "last.ckpt" / "meta.pt", weights_only=False)
     weights_first = _checkpoint_weights(tmp_path / "runs" / "ckpt" / "last.ckpt", tmp_path / "full_first.pt")
-    _fit(tmp_path, FSDP2, "--trainer.max_steps", "6", "--ckpt_path", "last", "--model.value_baseline", "true",
+    _fit(tmp_path, FSDP2, "--trainer.max_steps", "6", "--ckpt_path", "last", "--model.value_baseline.enabled", "true",
          "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump_resumed"))
     meta_second = torch.load(tmp_path / "runs" / "ckpt" / "last.ckpt" / "meta.pt", weights_only=False)
     return tmp_path, meta_first, weights_first, meta_second
@@ -112,12 +114,14 @@ def _check_lambda_against_union(rank0: list[dict], rank1: list[dict], min_steps:
     assert local_differs, "rank-local and union estimates coincide at every step: the test cannot tell them apart"
 
 
+@pytest.mark.distributed
 def test_ddp_lambda_identical_across_ranks_and_equal_to_union(ddp_run):
     rank0, rank1 = _dumps(ddp_run / "dump")
     assert rank0[0]["strategy"] == "DDPStrategy" and not rank0[0]["sharded"]
     _check_lambda_against_union(rank0, rank1)
 
 
+@pytest.mark.distributed
 def test_fsdp2_lambda_identical_across_ranks_and_equal_to_union(fsdp2_run):
     tmp_path = fsdp2_run[0]
     rank0, rank1 = _dumps(tmp_path / "dump")
@@ -125,6 +129,7 @@ def test_fsdp2_lambda_identical_across_ranks_and_equal_to_union(fsdp2_run):
     _check_lambda_against_union(rank0, rank1)
 
 
+@pytest.mark.distributed
 def test_fsdp2_sampling_gathers_each_block_once_per_step(fsdp2_run, ddp_run):
     """Without the gather, each of the 4 micro-batches x up to 7 forwards would all-gather every block."""
     for r in _dumps(fsdp2_run[0] / "dump")[0] + _dumps(fsdp2_run[0] / "dump")[1]:
@@ -133,6 +138,7 @@ def test_fsdp2_sampling_gathers_each_block_once_per_step(fsdp2_run, ddp_run):
     assert all(r["generation_all_gathers"] == 0 for r in _dumps(ddp_run / "dump")[0])
 
 
+@pytest.mark.distributed
 def test_fsdp2_resume_continues_with_the_same_mu(fsdp2_run):
     tmp_path, meta_first, _, meta_second = fsdp2_run
     assert meta_first["global_step"] == 4 and meta_second["global_step"] == 6
@@ -144,6 +150,7 @@ def test_fsdp2_resume_continues_with_the_same_mu(fsdp2_run):
     _check_lambda_against_union(resumed0, resumed1, min_steps=2)
 
 
+@pytest.mark.distributed
 def test_fsdp2_export_gathers_the_full_model(fsdp2_run):
     tmp_path, _, weights_first, _ = fsdp2_run
     from transformers import AutoModelForCausalLM
@@ -159,16 +166,18 @@ def test_fsdp2_export_gathers_the_full_model(fsdp2_run):
         torch.testing.assert_close(exported[key], value.to(exported[key].dtype), msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.distributed
 def test_fsdp2_checkpoint_holds_the_trained_value_head(fsdp2_run):
     state = torch.load(fsdp2_run[0] / "full_first.pt", weights_only=False)["state_dict"]
-    weight = state["value_head.linear.weight"]
+    weight = state["objective.value_head.linear.weight"]
     assert weight.shape == (2, 33) and weight.abs().sum() > 0  # 2 constraints; hidden 32 + position; moved off its zero init
 
 
+@pytest.mark.distributed
 def test_ddp_constraint_warmup_with_a_value_head(tmp_path):
     """Warm-up steps leave the value head unused; DDP (no ``find_unused_parameters``) must still reduce it."""
     _fit(tmp_path, "ddp", "--trainer.max_steps", "4", "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump"),
-         "--model.value_baseline", "true", "--model.constraint_warmup_steps", "2")
+         "--model.value_baseline.enabled", "true", "--model.barrier.warmup_steps", "2")
     rank0, rank1 = _dumps(tmp_path / "dump")
     assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == [3, 4]  # constrained from the third step
     assert [r["mu"] for r in rank0] == [1.0, 0.5]  # the μ schedule starts when the constraints do (decay 0.5 per step)
@@ -180,7 +189,7 @@ def test_one_process_fsdp2_exports_a_loadable_model(tmp_path):
 
     one_rank = FSDP2.replace("data_parallel_size: 2", "data_parallel_size: 1")
     _fit(tmp_path, one_rank, "--trainer.max_steps", "2", "--trainer.callbacks.init_args.out_dir", str(tmp_path / "dump"),
-         "--model.value_baseline", "true", "--model.constraint_warmup_steps", "1", devices=1)  # the head's warm-up call, sharded
+         "--model.value_baseline.enabled", "true", "--model.barrier.warmup_steps", "1", devices=1)  # the head's warm-up call, sharded
     assert [r["step"] for r in json.loads((tmp_path / "dump" / "rank0.json").read_text())] == [2]  # step 1 was warm-up
     export = tmp_path / "runs" / "quickstart" / "version_0" / "hf_model"
     model = AutoModelForCausalLM.from_pretrained(export)

@@ -39,6 +39,7 @@ def test_training_stats_from_event_file(tmp_path):
     assert stats["lambda_last_half"]["steps"] == 3
 
 
+@pytest.mark.slow
 def test_token_gap_splits_the_extra_nll_into_disjoint_parts():
     import token_gap
 

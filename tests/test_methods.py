@@ -1,39 +1,19 @@
-"""The baselines on the categorical toy of test_convergence: lagrangian (MM) and penalty."""
-
-import math
+"""The baselines on the categorical toy of tests/toy_problem.py: lagrangian (MM) and penalty."""
 
 import pytest
 import torch
 
-from l3m_lightning.estimator import policy_gradient_surrogate
 from l3m_lightning.multipliers import MultiplierRule
-from test_convergence import CASES, LENGTHS, cross_entropy, kkt_solution
-
-F64 = torch.float64
+from toy_problem import CASES, F64, LENGTHS, kkt_solution, run_toy
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
 
 def run(rule: MultiplierRule, c: torch.Tensor, seed: int = 0, steps: int = 600, samples: int = 8192):
-    gen = torch.Generator().manual_seed(seed)
-    theta = torch.zeros(LENGTHS.numel(), dtype=F64, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=0.02)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / steps)))
-    lams = []
-    for _ in range(steps):
-        logprobs = torch.log_softmax(theta, 0)
-        idx = torch.multinomial(logprobs.detach().exp(), samples * 2, replacement=True, generator=gen)
-        costs = c[idx][None]
-        lam = rule(costs.mean(dim=1), mu=1.0)
-        loss = cross_entropy(logprobs) + policy_gradient_surrogate(logprobs.gather(0, idx), costs, lam, group_size=2)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([theta], 1.0)
-        opt.step()
-        sched.step()
-        lams.append(lam.item())
-    return torch.softmax(theta.detach(), 0), torch.tensor(lams)
+    """Final π and the per-step multipliers [steps] of the one constraint c, λ from ``rule`` (μ is not used)."""
+    pi, lams = run_toy([c], lambda c_hat: rule(c_hat, mu=1.0), seed, steps=steps, samples=samples)
+    return pi, lams[:, 0]
 
 
 @pytest.mark.parametrize("case", ["at_most", "at_least"])
@@ -65,9 +45,9 @@ def test_rule_state_round_trip_and_config_errors():
     assert fresh.lambdas.tolist() == pytest.approx([0.1, 0.0])
     with pytest.raises(ValueError, match="trained with method 'lagrangian'"):
         MultiplierRule("barrier", 2).load_state_dict(rule.state_dict())
-    with pytest.raises(ValueError, match="model.method must be one of barrier, lagrangian, penalty"):
+    with pytest.raises(ValueError, match="model.multipliers.method must be one of barrier, lagrangian, penalty"):
         MultiplierRule("mm", 1)
-    with pytest.raises(ValueError, match="model.penalty_weights is required"):
+    with pytest.raises(ValueError, match="model.multipliers.penalty_weights is required"):
         MultiplierRule("penalty", 1)
-    with pytest.raises(ValueError, match=r"model.penalty_weights needs one value per constraint \(2\)"):
+    with pytest.raises(ValueError, match=r"model.multipliers.penalty_weights needs one value per constraint \(2\)"):
         MultiplierRule("penalty", 2, penalty_weights=[1.0])

@@ -20,7 +20,7 @@ import pytest
 from constraints import ConfigError, ConstraintError, RewardModelConstraint
 
 ROOT = Path(__file__).resolve().parents[1]
-ONE_LINE = r"model.model_name_or_path: .*custom needs custom code \(config.json auto_map: AutoConfig, AutoModelForCausalLM\), which is not run unless you set model.trust_remote_code: true"
+ONE_LINE = r"model.policy.name_or_path: .*custom needs custom code \(config.json auto_map: AutoConfig, AutoModelForCausalLM\), which is not run unless you set model.policy.trust_remote_code: true"
 TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
 
 
@@ -54,7 +54,7 @@ def test_policy_and_tokenizer_refuse_custom_code_in_one_line(custom):
     with pytest.raises(ConfigError, match=ONE_LINE) as caught:
         load_policy(str(folder), load_tokenizer("embedded"))
     assert "\n" not in str(caught.value)
-    with pytest.raises(ConfigError, match=r"model.model_name_or_path: .* needs custom code"):
+    with pytest.raises(ConfigError, match=r"model.policy.name_or_path: .* needs custom code"):
         load_tokenizer(str(folder))
     with pytest.raises(ConfigError, match=r"data.tokenizer: .* needs custom code"):
         load_tokenizer(str(folder), option="data.tokenizer")
@@ -129,14 +129,15 @@ def _run_on_a_terminal(args: list[str], cwd: Path, timeout: float = 120.0) -> tu
     return proc.returncode, b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_cli_on_a_terminal_fails_at_once_without_prompting(custom, tmp_path):
     folder, marker = custom
     status, output = _run_on_a_terminal(
         [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-         "--model.model_name_or_path", str(folder), "--trainer.max_steps", "1"], cwd=tmp_path)
+         "--model.policy.name_or_path", str(folder), "--trainer.max_steps", "1"], cwd=tmp_path)
     assert "[y/N]" not in output and "Do you wish to run the custom code" not in output
     assert status == 2, output[-2000:]
     lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "needs custom code" in lines[0] and "model.trust_remote_code: true" in lines[0], output[-2000:]
+    assert len(lines) == 1 and "needs custom code" in lines[0] and "model.policy.trust_remote_code: true" in lines[0], output[-2000:]
     assert "Traceback" not in output
     assert not marker.exists()

@@ -22,7 +22,7 @@ TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num
 
 
 def cli_args(tmp_path: Path, *args: str) -> list[str]:
-    return ["fit", "--config", str(ROOT / "configs" / "sft.yaml"), "--model.model_config", json.dumps(TINY),
+    return ["fit", "--config", str(ROOT / "configs" / "sft.yaml"), "--model.policy.config", json.dumps(TINY),
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
             "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"),
             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
@@ -70,7 +70,7 @@ def test_the_check_runs_in_on_fit_start_without_the_cli(tmp_path, no_steps):
     (tmp_path / "f").write_text("")
     trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
                         callbacks=[ModelCheckpoint(dirpath=tmp_path / "f" / "ckpt")], default_root_dir=tmp_path)
-    module = L3MModule(model_config=TINY, export_dir="")
+    module = L3MModule(policy={"config": TINY}, export_dir="")
     with pytest.raises(ConfigError, match="ModelCheckpoint dirpath: cannot write to .*f/ckpt"):
         trainer.fit(module, datamodule=ChatDataModule(embedded_num_prompts=40, batch_size=4))
 

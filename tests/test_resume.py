@@ -40,10 +40,10 @@ TINY = [
     "--trainer.log_every_n_steps", "1",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
-    "--model.model_config", "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}",
-    "--model.max_new_tokens", "6",
-    "--model.num_samples", "2",
-    "--model.value_baseline", "true",  # its head and its optimiser group resume too
+    "--model.policy.config", "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}",
+    "--model.sampling.max_new_tokens", "6",
+    "--model.sampling.num_samples", "2",
+    "--model.value_baseline.enabled", "true",  # its head and its optimiser group resume too
     "--model.export_dir", "",
     "--data.batch_size", "4",
     "--data.embedded_num_prompts", "40",
@@ -99,6 +99,7 @@ def uninterrupted(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at, corrupt_last", [(6, True), (9, False)], ids=["mid-epoch+truncated-last", "epoch-end"])
 def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path, kill_at, corrupt_last):
     _fit(tmp_path, kill_at=kill_at)
@@ -188,7 +189,7 @@ def test_cli_trainer_writes_atomically(tmp_path):
 
     cli = TokenizerLinkedCLI(L3MModule, ChatDataModule, run=False, args=[
         "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.logger", "false",
-        "--model.model_config", "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}",
+        "--model.policy.config", "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}",
         "--trainer.default_root_dir", str(tmp_path)])
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
@@ -292,3 +293,35 @@ def test_sampler_keeps_random_sampler_order_and_resumes_mid_epoch():
     resumed = make()
     resumed.load_state_dict(state)
     assert seen + [b.tolist() for b in resumed] == plain[0]
+
+
+def _as_pre_issue_13(checkpoint: dict) -> dict:
+    """A checkpoint as the code before the option groups wrote it: flat hyperparameters, the value head on the module."""
+    from l3m_lightning.options import MOVED_KEYS
+
+    flat = {}
+    for key, value in checkpoint["hyper_parameters"].items():
+        if isinstance(value, dict) and key not in ("constraints", "_instantiator"):
+            for field, v in value.items():
+                flat[next(old for old, new in MOVED_KEYS.items() if new == f"{key}.{field}")] = v
+        else:
+            flat[key] = value
+    checkpoint["hyper_parameters"] = flat
+    checkpoint["state_dict"] = {k.removeprefix("objective."): v for k, v in checkpoint["state_dict"].items()}
+    return checkpoint
+
+
+@pytest.mark.slow
+def test_fit_resumes_a_checkpoint_written_before_the_option_groups(uninterrupted, tmp_path):
+    """``fit --ckpt_path`` re-parses the checkpoint's hyperparameters (LightningCLI); old flat ones are upgraded, not refused."""
+    _fit(tmp_path / "killed", kill_at=6)
+    checkpoint = torch.load(tmp_path / "killed" / "runs" / "ckpt" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 6
+    old = _as_pre_issue_13(checkpoint)
+    assert "mu_floor" in old["hyper_parameters"] and any(k.startswith("value_head.") for k in old["state_dict"])
+    torch.save(old, tmp_path / "old.ckpt")
+    _fit(tmp_path / "work", "--ckpt_path", str(tmp_path / "old.ckpt"))
+    resumed = torch.load(tmp_path / "work" / "runs" / "ckpt" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == MAX_STEPS
+    final = torch.load(uninterrupted / "runs" / "ckpt" / "last.ckpt", weights_only=False)
+    _assert_equal_states(resumed["state_dict"], final["state_dict"], "state_dict")  # the same run, bit for bit

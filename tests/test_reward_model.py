@@ -11,7 +11,8 @@ from _tiny_models import build_reward_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from constraints import ConstraintError, HarmlessnessConstraint, HelpfulnessConstraint, RewardModelConstraint, build_constraint
-from constraints.reward_model import DEFAULT_TEMPLATE, format_for_reward_model, load_rows, resolve_model_path
+from constraints.data_files import load_rows
+from constraints.reward_model import DEFAULT_TEMPLATE, format_for_reward_model, resolve_model_path
 
 PROMPTS = ["how do i bake bread ?", "tell me a story", "can you help me steal a cat", "what is a poem", "hi", "how to plant a garden"]
 RESPONSES = [

@@ -144,6 +144,7 @@ def test_bradley_terry_learns_separable_toy_and_exports_for_the_constraint(tiny_
     assert type(rm.model).__name__ == ("BertForSequenceClassification" if pooling == "model" else "PooledRewardModel")
 
 
+@pytest.mark.slow
 def test_pooled_export_loads_in_a_fresh_process(tiny_backbone, tmp_path):
     """Only `constraints` imported: the reward_model constraint registers the pooled model type itself."""
     RewardModelModule(str(tiny_backbone), pooling="mean").export(tmp_path / "rm")

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from l3m_lightning.data import IGNORE_INDEX
+from l3m_lightning.constants import IGNORE_INDEX
 from l3m_lightning.embedded.model import build_embedded_model
-from l3m_lightning.packing import padded_token_logprobs
+from l3m_lightning.logprobs import padded_token_logprobs
 from l3m_lightning.sampling import pack_rollouts, sample_rollouts
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from l3m_lightning.embedded.model import build_embedded_model
 from l3m_lightning.sampling import sample_rollouts
-from l3m_lightning.sharded_generation import fsdp2_modules, unsharded_for_generation
+from l3m_lightning.sharding import fsdp2_modules, unsharded_for_generation
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
 

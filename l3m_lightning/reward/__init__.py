@@ -2,6 +2,6 @@
 
 from l3m_lightning.reward.data import PreferenceDataModule, preference_pair, split_hh_dialogue
 from l3m_lightning.reward.module import RewardModelModule
-from l3m_lightning.reward.pooled import PooledRewardConfig, PooledRewardModel
+from constraints.pooled_reward_model import PooledRewardConfig, PooledRewardModel
 
 __all__ = ["PooledRewardConfig", "PooledRewardModel", "PreferenceDataModule", "RewardModelModule", "preference_pair", "split_hh_dialogue"]

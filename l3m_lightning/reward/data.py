@@ -21,15 +21,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from torch.utils.data import DataLoader
+from datasets import Dataset, DatasetDict
 
 from constraints.base import ConfigError
-from constraints.model_source import pretrained_source
-from constraints.reward_model import DEFAULT_TEMPLATE, INPUT_FORMATS, check_template, format_for_reward_model, load_rows
+from constraints.model_source import ensure_pad_token, load_pretrained
+from constraints.data_files import load_rows, load_source, pick_split
+from constraints.reward_model import DEFAULT_TEMPLATE, INPUT_FORMATS, check_template, format_for_reward_model
 
-from l3m_lightning.data import ChatDataModule, check_split_and_batch
+from l3m_lightning.data import SplitsDataModule, check_split_and_batch, hold_out, pad_sequences
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +82,16 @@ def load_preference_rows(
     """A local ``.json``/``.jsonl`` (optionally ``.gz``)/``.csv``/``.parquet`` file, a ``save_to_disk`` folder, or a dataset name."""
     path = Path(dataset).expanduser()
     if path.is_file():
-        rows = load_rows(path)
+        rows = load_rows(path, "data.dataset")
         for index, row in enumerate(rows):  # before Arrow sees them: a wrong type fails naming its row
             preference_pair(row, index, *columns)
         keep = [c for c in columns if any(c in row for row in rows)]
         return Dataset.from_list([{c: row.get(c) for c in keep} for row in rows]), None
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-        loaded = load_from_disk(str(path))
-    else:
-        loaded = load_dataset(str(path) if path.is_dir() else dataset)
+    loaded = load_source(dataset, "data.dataset")
     if not isinstance(loaded, (DatasetDict, dict)):
         return loaded, None
-    for split in (train_split, val_split):
-        if split is not None and split not in loaded:
-            raise ConfigError(f"split '{split}' not in dataset '{dataset}' (splits: {sorted(loaded)})")
-    return loaded[train_split], None if val_split is None else loaded[val_split]
+    train = pick_split(loaded, train_split, dataset)
+    return train, None if val_split is None else pick_split(loaded, val_split, dataset)
 
 
 class PairCollator:
@@ -107,16 +101,16 @@ class PairCollator:
         self.tokenizer = tokenizer
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        features = []
-        for side in ("chosen", "rejected"):
-            for row in rows:
-                features.append({k[len(side) + 1 :]: v for k, v in row.items() if k.startswith(side + "_")})
-        batch = dict(self.tokenizer.pad(features, padding=True, return_tensors="pt"))
+        features = [{k[len(side) + 1 :]: v for k, v in row.items() if k.startswith(side + "_")} for side in ("chosen", "rejected") for row in rows]
+        # what tokenizer.pad pads each field with, on the tokenizer's padding side
+        values = {"input_ids": self.tokenizer.pad_token_id, "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0)}
+        left = self.tokenizer.padding_side == "left"
+        batch: dict[str, Any] = {key: pad_sequences([f[key] for f in features], values.get(key, 0), left) for key in features[0]}
         batch["num_pairs"] = len(rows)
         return batch
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(SplitsDataModule):
     """Chosen/rejected preference pairs for ``RewardModelModule``.
 
     Args:
@@ -182,18 +176,15 @@ class PreferenceDataModule(L.LightningDataModule):
         hp = self.hparams
         if not hp.tokenizer:
             raise ConfigError("data.tokenizer is empty: set it (the CLI links it to model.model_name_or_path)")
-        source = pretrained_source(hp.tokenizer, "data.tokenizer", hp.trust_remote_code)
-        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=hp.trust_remote_code)
+        self.tokenizer = load_pretrained(AutoTokenizer, hp.tokenizer, "data.tokenizer", hp.trust_remote_code)
         self.tokenizer.truncation_side = hp.truncation_side
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer)
         columns = (hp.prompt_column, hp.chosen_column, hp.rejected_column)
         train, val = load_preference_rows(hp.dataset, hp.train_split, hp.val_split, columns)
         # Validate and tokenise before splitting, so an error names the row as it is in the file.
         train = self._tokenize(train, "train" if val is not None else "all")
         if val is None:
-            held = train.train_test_split(test_size=hp.val_fraction, seed=hp.split_seed, shuffle=True)
-            train, val = held["train"], held["test"]
+            train, val = hold_out(train, hp.val_fraction, hp.split_seed, f"data.dataset '{hp.dataset}'")
         else:
             val = self._tokenize(val, "val")
         for name, split, cap in (("train", train, hp.max_train_rows), ("val", val, hp.max_val_rows)):
@@ -221,13 +212,6 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def collate_fn(self) -> PairCollator:
         return PairCollator(self.tokenizer)
-
-    # the same loaders as the chat data: one place for batch sizes, workers and drop_last
-    _loader = ChatDataModule._loader
-    train_dataloader = ChatDataModule.train_dataloader
-    val_dataloader = ChatDataModule.val_dataloader
-    test_dataloader = ChatDataModule.test_dataloader
-    predict_dataloader = ChatDataModule.predict_dataloader
 
 
 __all__ = ["PairCollator", "PreferenceDataModule", "load_preference_rows", "preference_pair", "split_hh_dialogue"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from constraints.model_source import pretrained_source
+from constraints.model_source import ensure_pad_token, pretrained_source
 from constraints.reward_model import FORMAT_FILE
 from l3m_lightning.outputs import EXPORT_MARKER, check_fit_outputs, export_marker, resolve_export_dir
-from l3m_lightning.reward.pooled import POOLINGS, PooledRewardModel
-from l3m_lightning.schedules import warmup_cosine
+from constraints.pooled_reward_model import POOLINGS, PooledRewardModel
+from l3m_lightning.optim import adamw_warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class RewardModelModule(L.LightningModule):
             a ``PooledRewardModel`` (``AutoModel`` backbone, that pooling, one linear logit) —
             ``mean`` suits sentence-embedding backbones such as all-MiniLM-L6-v2. Either exports to
             a folder ``AutoModelForSequenceClassification`` loads (the pooled one once
-            ``l3m_lightning.reward`` is imported, which the ``reward_model`` constraint does).
+            ``constraints.pooled_reward_model`` is imported, which the ``reward_model`` constraint does).
         classifier_dropout: dropout before the linear head (``PooledRewardModel`` only).
         freeze_backbone: train only the head (the classifier, and the pooler if the model has one).
         unfreeze_top_layers: with ``freeze_backbone``, also train the top N transformer layers.
@@ -94,10 +93,8 @@ class RewardModelModule(L.LightningModule):
         tokenizer_option = "model.tokenizer_name_or_path" if tokenizer_name_or_path else "model.model_name_or_path"
         tokenizer_source = pretrained_source(tokenizer_name_or_path or model_name_or_path, tokenizer_option, trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
-        if self.tokenizer.pad_token is None:
-            if self.tokenizer.eos_token is None:
-                raise ValueError(f"tokenizer of '{model_name_or_path}' has neither a pad nor an eos token")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if not ensure_pad_token(self.tokenizer):
+            raise ValueError(f"tokenizer of '{model_name_or_path}' has neither a pad nor an eos token")
         if pooling == "model":
             self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code, **(model_config or {}))
         else:
@@ -225,10 +222,8 @@ class RewardModelModule(L.LightningModule):
             {"params": params, "lr": head_lr if is_head else hp.learning_rate, "weight_decay": hp.weight_decay if decay else 0.0}
             for (is_head, decay), params in groups.items()
         ]
-        optimizer = torch.optim.AdamW(param_groups, lr=hp.learning_rate, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=math.ceil(hp.warmup_ratio * total), min_lr_ratio=hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(param_groups, learning_rate=hp.learning_rate, betas=hp.betas, warmup_ratio=hp.warmup_ratio,
+                                   min_lr_ratio=hp.min_lr_ratio, total_steps=self.trainer.estimated_stepping_batches)
 
     # --- export -------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -1,4 +1,6 @@
-"""Padding-free forward passes: pack variable-length sequences into a few rows (only row tails pad).
+"""Token log-probabilities of a batch of sequences (``TokenLogprobs``), by a padded or a packed forward pass.
+
+Packing: pack variable-length sequences into a few rows (only row tails pad), padding-free.
 
 A training step scores two sets of sequences with the same model: the reference responses (SFT)
 and the sampled ones (policy gradient). Padded to one width they waste most of the compute when
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from l3m_lightning.data import IGNORE_INDEX
+from l3m_lightning.constants import IGNORE_INDEX
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # right-padded input_ids, attention_mask, labels
 

@@ -9,7 +9,8 @@ is ``AutoModel`` backbone → pooling (``mean`` | ``cls`` | ``last``) → dropou
 Importing this module registers the model type ``l3m_pooled_reward`` with ``AutoConfig`` and
 ``AutoModelForSequenceClassification``, so an exported folder loads with
 ``AutoModelForSequenceClassification.from_pretrained(path)`` (the ``reward_model`` constraint
-imports it before loading).
+imports it before loading). It lives with the constraints, which load it, and the reward-model
+trainer (``l3m_lightning.reward``) builds on it from there.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from l3m_lightning.data import IGNORE_INDEX
+from l3m_lightning.constants import IGNORE_INDEX
 from l3m_lightning.embedded.model import build_embedded_model
-from l3m_lightning.packing import first_fit_decreasing, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs
+from l3m_lightning.logprobs import first_fit_decreasing, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
 
@@ -102,9 +102,9 @@ def test_the_check_catches_a_model_that_attends_across_sequences(parts, tokenize
 
 
 def test_module_falls_back_to_two_passes_with_a_warning(parts, tokenizer):
-    from tests.test_module import _module
+    from toy_problem import tiny_module
 
-    module = _module(constraints=[{"name": "length", "threshold": 2, "scale": 4}], num_samples=2, fused_forward=True)
+    module = tiny_module(policy={"fused_forward": True}, sampling={"num_samples": 2}, constraints=[{"name": "length", "threshold": 2, "scale": 4}])
     module.model = _IgnoresPositions(module.model)
     with pytest.warns(UserWarning, match="fused_forward.*two padded passes"):
         assert module.packing_enabled(parts) is False
