@@ -16,7 +16,7 @@
 #   overrides: DEVICES STEPS BATCH NUM_SAMPLES MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR PRECISION MODEL_CONFIG PHASES
 #              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
-# Measured on one H200 (2026-11-27): all phases PASS; numbers in README ("Scaling out").
+# Measured on one H200 (2026-11-27): all phases PASS; numbers in docs/results.md ("GPU check").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -1,6 +1,6 @@
 """What the command line prints for an error: one line for a mistake in the config or the data, a traceback for a bug.
 
-The rule (README, "Errors"):
+The rule (docs/metrics.md, "Errors"):
 
 * **one line** on stderr, ``error: <what, where, what was expected>``, and exit status 2, for
   - a ``ConfigError`` raised at any point: our checks of data files and rows, output folders,

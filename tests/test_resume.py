@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints and exact resume (l3m_lightning/checkpointing.py; README "Outputs and resuming").
+"""Crash-safe checkpoints and exact resume (l3m_lightning/checkpointing.py; docs/outputs.md).
 
 End to end: a tiny quickstart fit is SIGKILLed right after a checkpoint (``tests/_resume_callbacks``)
 and resumed with ``--ckpt_path last``; its final weights, optimiser state and every logged scalar
