@@ -184,9 +184,13 @@ class ConstrainedObjective(torch.nn.Module):
         surrogate, value_loss, explained = self.surrogate(logprobs, costs, valid, multipliers, rollouts.group_size)
         # the barrier's linear region is Ĉ > −μ²; for the baselines, plain violation Ĉ > 0
         region_mu = mu if self.multiplier_args.method == "barrier" else 0.0
-        self.feasibility.update(estimates.tolist(), multipliers.tolist(), region_mu)
-        self.truncation.update(1.0 - rollouts.finished.float().mean().item())
-        self.no_valid_samples.update(counts.tolist(), global_step)
+        # the monitors read host numbers: one device→host copy for all of them, not one sync each
+        k = len(self.constraints)
+        truncated = 1.0 - rollouts.finished.float().mean()
+        host = torch.cat([estimates, multipliers.to(estimates), counts.to(estimates), truncated.to(estimates).view(1)]).tolist()
+        self.feasibility.update(host[:k], host[k:2 * k], region_mu)
+        self.no_valid_samples.update(host[2 * k:3 * k], global_step)
+        self.truncation.update(host[3 * k])
         return ObjectiveStep(self.names, rewards, costs, valid, counts, estimates, smoothed, multipliers, mu, surrogate, value_loss, explained)
 
     def idle_loss(self) -> torch.Tensor | None:
