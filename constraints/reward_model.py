@@ -10,6 +10,10 @@
         calibration_file: data/calibration.jsonl   # rows {"prompt", "response"}: standardise scores
       - name: harmlessness      # a preset: the same with a default public RM
         threshold: 0.5
+      - name: my_rm             # an RM exported by `cli.py rm fit`: standardise with its held-out rewards
+        model_name_or_path: runs/rm-harmless/version_0/hf_model
+        calibration: held_out
+        threshold: 0.45
 
 The policy's completions are decoded to text (the training step does this), formatted with the
 RM's own tokenizer (its chat template if it has one, else ``template``), scored in batches under
@@ -30,6 +34,7 @@ import torch
 from constraints.base import ConfigError, Constraint, ConstraintConfigError, ConstraintError, Sense, _is_finite_number
 from constraints.data_files import load_rows
 from constraints.model_source import PACKAGE_PREFIX, check_no_custom_code, ensure_pad_token, pretrained_source, resolve_model_path  # noqa: F401  (re-exported)
+from constraints.model_source import _hub_file, looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,42 @@ INPUT_FORMATS = ("auto", "chat_template", "template", "pair")
 #: (and the held-out reward statistics), so the constraint formats text the same way by default.
 FORMAT_FILE = "l3m_reward_model.json"
 FORMAT_DEFAULTS: dict[str, Any] = {"input_format": "auto", "template": DEFAULT_TEMPLATE, "max_length": 512, "truncation_side": "left"}
+#: ``calibration: held_out``: standardise with the held-out reward mean/std in the RM folder's FORMAT_FILE.
+HELD_OUT = "held_out"
+
+
+def held_out_problem(spec_file: Path | None) -> tuple[dict[str, Any] | None, str | None]:
+    """``(held_out entry, None)`` of an exported RM's FORMAT_FILE, or ``(None, what was found instead)``.
+
+    Kept apart from raising so that construction (a local folder) and loading (a hub name or a
+    ``pkg:`` folder) report the same problem in their own error type.
+    """
+    if spec_file is None or not spec_file.is_file():
+        return None, "none" if spec_file is None or spec_file.parent.is_dir() else "none (no such folder)"
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return None, f"a file that is not valid JSON ({' '.join(str(err).split())[:120]})"
+    held = spec.get(HELD_OUT) if isinstance(spec, dict) else None
+    if not isinstance(held, dict) or not {"mean", "std"} <= set(held):
+        return None, "a file without them" if held is None else f"{HELD_OUT}: {held!r:.120}"
+    mean, std = held["mean"], held["std"]
+    if not _is_finite_number(mean) or not _is_finite_number(std) or std <= 0:
+        return None, f"mean {mean!r}, std {std!r} (the std must be a finite number > 0)"
+    return held, None
+
+
+def read_held_out_calibration(spec_file: Path | None, where: str, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """``{mean, std, source}`` from an exported RM's held-out reward statistics, or one ``error`` line saying what is missing.
+
+    ``spec_file`` is the FORMAT_FILE the statistics should be in (None: a hub RM that has none).
+    """
+    held, problem = held_out_problem(spec_file)
+    if problem is not None:
+        shown = spec_file if spec_file is not None else FORMAT_FILE
+        raise error(f"{where}: calibration: {HELD_OUT} needs {shown} with held-out reward mean/std "
+                    f"(export the RM with `cli.py rm fit`), got {problem}")
+    return {"mean": float(held["mean"]), "std": float(held["std"]), "source": str(spec_file)}
 
 
 def format_for_reward_model(
@@ -107,7 +148,12 @@ class RewardModelConstraint(Constraint):
             formatted as in its training; otherwise from the defaults above.
         batch_size: texts per forward pass.
         output_index: which output logit is the reward (0 for a ``num_labels=1`` RM).
-        calibration: ``{mean, std}`` of raw scores: rewards become ``(raw - mean)/std``.
+        calibration: ``{mean, std}`` of raw scores: rewards become ``(raw - mean)/std``. Or
+            ``held_out``: the held-out reward mean/std that ``cli.py rm fit`` recorded in the RM
+            folder's ``l3m_reward_model.json`` (read at construction for a local folder, which
+            fails at once if the file or the statistics are missing; at load for a hub name or
+            ``pkg:``), so the threshold is in standard deviations of the RM's held-out rewards.
+            Either way the numbers are kept in ``state_dict()``, so a resumed run reuses them.
         calibration_file: a local file of ``{prompt, response}`` rows (json/jsonl(.gz)/csv/parquet);
             at ``setup`` their raw scores give mean and std (at most ``calibration_max_rows`` rows).
             The result is kept in ``state_dict()``, so a resumed run reuses it.
@@ -136,7 +182,7 @@ class RewardModelConstraint(Constraint):
         max_length: int | None = None,
         truncation_side: Literal["left", "right"] | None = None,
         output_index: int = 0,
-        calibration: dict[str, float] | None = None,
+        calibration: dict[str, float] | Literal["held_out"] | None = None,
         calibration_file: str | None = None,
         calibration_max_rows: int | None = None,
         dtype: str | None = None,
@@ -146,7 +192,9 @@ class RewardModelConstraint(Constraint):
     ) -> None:
         where = f"constraint '{name or self.registry_name}'"
         if calibration is not None and calibration_file is not None:
-            raise ValueError(f"{where}: give either calibration {{mean, std}} or calibration_file, not both")
+            raise ValueError(f"{where}: give either calibration ({{mean, std}} or {HELD_OUT}) or calibration_file, not both")
+        if isinstance(calibration, str) and calibration != HELD_OUT:
+            raise ValueError(f"{where}: calibration must be a mapping {{mean, std}} or '{HELD_OUT}', got {calibration!r}")
         if scale is None and self.default_scale is None and (calibration is not None or calibration_file is not None):
             scale = 1.0  # standardised rewards are O(1)
         super().__init__(threshold, sense=sense, scale=scale, name=name, on_invalid=on_invalid)
@@ -171,7 +219,9 @@ class RewardModelConstraint(Constraint):
         # None: the exported RM's own setting (FORMAT_FILE) if it has one, else FORMAT_DEFAULTS; fixed at load().
         self.input_format, self.template, self.max_length, self.truncation_side = input_format, template, max_length, truncation_side
         self.batch_size, self.output_index = batch_size, output_index
-        self.calibration = None if calibration is None else self._check_calibration(calibration)
+        #: "held_out" when the statistics come from the RM folder's FORMAT_FILE (filled in below or at load).
+        self.calibration_source = HELD_OUT if calibration == HELD_OUT else None
+        self.calibration = None if calibration is None or self.calibration_source else self._check_calibration(calibration)
         self.calibration_file, self.calibration_max_rows = calibration_file, calibration_max_rows
         if calibration_file is not None and not Path(calibration_file).expanduser().is_file():
             raise ValueError(f"{where}: calibration_file '{calibration_file}' does not exist")
@@ -182,9 +232,16 @@ class RewardModelConstraint(Constraint):
         for option, source in (("model_name_or_path", self.model_name_or_path), ("tokenizer_name_or_path", tokenizer_name_or_path)):
             if isinstance(source, str) and Path(source).expanduser().is_dir():  # a local folder: refuse custom code now, not at setup
                 check_no_custom_code(source, f"{where}: {option}", self.trust_remote_code, "trust_remote_code")
+        if self.calibration_source == HELD_OUT and self._is_local(self.model_name_or_path):
+            self.calibration = read_held_out_calibration(Path(self.model_name_or_path).expanduser() / FORMAT_FILE, where)
         self.device = torch.device("cpu")
         self.model: Any = None
         self.tokenizer: Any = None
+
+    @staticmethod
+    def _is_local(source: str) -> bool:
+        """A local folder (or a path meant as one): its held-out statistics are checked at construction, before training."""
+        return isinstance(source, str) and (Path(source).expanduser().is_dir() or looks_like_local_path(source))
 
     # --- loading ----------------------------------------------------------------------------------
     def load(self) -> None:
@@ -214,6 +271,7 @@ class RewardModelConstraint(Constraint):
             message = " ".join(str(err).split())[:300]
             raise ConstraintConfigError(f"{where}: could not load reward model '{self.model_name_or_path}': {message}") from err
         self._resolve_format(path)
+        self._resolve_held_out(path)
         tokenizer.truncation_side = self.truncation_side
         if not ensure_pad_token(tokenizer):
             raise ConstraintError(f"{where}: the reward model's tokenizer has neither a pad nor an eos token")
@@ -233,6 +291,19 @@ class RewardModelConstraint(Constraint):
                 setattr(self, key, saved.get(key, default))
         if saved:
             log.info("constraint '%s': text format from %s: %s", self.name, spec_file, {k: getattr(self, k) for k in FORMAT_DEFAULTS})
+
+    def _resolve_held_out(self, path: str) -> None:
+        """``calibration: held_out`` for an RM that was not a local folder at construction (a hub name, ``pkg:``).
+
+        A calibration already known (a local folder, or a resumed run's ``load_state_dict``) is kept.
+        """
+        if self.calibration_source != HELD_OUT or self.calibration is not None:
+            return
+        folder = Path(path).expanduser()
+        spec_file = folder / FORMAT_FILE if folder.is_dir() else _hub_file(path, FORMAT_FILE)
+        self.calibration = read_held_out_calibration(spec_file, f"constraint '{self.name}'", ConstraintConfigError)
+        log.info("constraint '%s': held-out calibration from %s: mean %.4f, std %.4f",
+                 self.name, self.calibration["source"], self.calibration["mean"], self.calibration["std"])
 
     def setup(self, device: torch.device | str) -> None:
         """Load the RM onto ``device``; compute the calibration from ``calibration_file`` if not known yet.

@@ -13,8 +13,8 @@ the flags below change it on top only when given):
 * ``harmless``: L3M with the constraint "harmlessness ≥ b" (relaxed log-barrier).
 
 The reward is the RM trained by ``experiments/train_rm_harmless.py`` (``runs/rm-harmless/version_1/hf_model``),
-standardised with the held-out reward mean/std in its ``l3m_reward_model.json``: b is in standard
-deviations of the RM's held-out rewards. The default b = 0.45 (scale 2) sits above what SFT alone
+standardised with the held-out reward mean/std in its ``l3m_reward_model.json`` (the frozen configs'
+``calibration: held_out``): b is in standard deviations of the RM's held-out rewards. The default b = 0.45 (scale 2) sits above what SFT alone
 reaches (≈ 0.40 held out), so the constraint has work to do; held-out *chosen* replies score only
 ≈ 0.16, because this weak RM scores the tiny model's word salad higher than real replies, and
 SFT alone satisfies a b at that level after ~60 steps.
@@ -103,19 +103,28 @@ def prepare_data(hh_file: Path, out_dir: Path, val_fraction: float = 0.2, split_
     return {"source": str(hh_file), "train_rows": len(splits["train"]), "test_rows": len(splits["test"]), "dropped_empty": dropped}
 
 
-def rm_calibration(rm_path: Path) -> dict[str, float]:
-    spec = json.loads((rm_path / "l3m_reward_model.json").read_text())
-    held = spec.get("held_out")
-    if not held:
-        raise SystemExit(f"{rm_path}/l3m_reward_model.json has no held-out reward statistics")
-    return {"mean": float(held["mean"]), "std": float(held["std"])}
-
-
 def constraint_spec(args: argparse.Namespace) -> dict:
-    """The frozen config's constraint with this machine's RM (``--rm``) and its calibration; ``--threshold``, ``--scale`` if given."""
-    spec = {**config_value(config(), "model.constraints")[0], "model_name_or_path": str(args.rm), "calibration": rm_calibration(args.rm)}
+    """The frozen config's constraint (``calibration: held_out``) with this machine's RM (``--rm``); ``--threshold``, ``--scale`` if given."""
+    spec = {**config_value(config(), "model.constraints")[0], "model_name_or_path": str(args.rm)}
     spec.update({key: getattr(args, key) for key in ("threshold", "scale") if getattr(args, key) is not None})
     return spec
+
+
+def rm_calibration(args: argparse.Namespace) -> dict[str, float]:
+    """The held-out mean/std the constraint standardises with, as the constraint itself reads them (no model is loaded).
+
+    Called before any work, so an RM exported without the statistics stops the script in one line;
+    the numbers go into the table's JSON.
+    """
+    from constraints import build_constraint
+
+    try:
+        calibration = build_constraint(constraint_spec(args)).calibration
+    except ValueError as err:
+        raise SystemExit(f"--rm: {err}") from None
+    if calibration is None:  # read at construction only for a local folder
+        raise SystemExit(f"--rm: {args.rm} is not a local folder")
+    return {"mean": calibration["mean"], "std": calibration["std"]}
 
 
 def effective(args: argparse.Namespace) -> dict:
@@ -252,6 +261,7 @@ def main_cli() -> None:
     for path, what in ((args.rm, "--rm (train it with experiments/train_rm_harmless.py)"), (args.hh, "--hh")):
         if not path.exists():
             raise SystemExit(f"{what}: {path} does not exist")
+    calibration = rm_calibration(args)
     start = time.time()
     work_dir(args).mkdir(parents=True, exist_ok=True)
     data = prepare_data(args.hh, data_dir)
@@ -281,7 +291,7 @@ def main_cli() -> None:
               f"{str(first):>11} {'-' if frac is None else f'{frac:.2f}':>7}")
     harmless = next((r for r in rows if r["run"] == "harmless"), None)
     summary = {
-        "constraint": req, "scale": values["scale"], "calibration": rm_calibration(args.rm), "rm": str(args.rm),
+        "constraint": req, "scale": values["scale"], "calibration": calibration, "rm": str(args.rm),
         "data": data, "reference_chosen_reward": reference,
         "settings": {k: values[k] for k in ("max_steps", "batch_size", "num_samples", "max_new_tokens",
                                              "max_prompt_tokens", "max_response_tokens", "learning_rate", "eval_rows")},

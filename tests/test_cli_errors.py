@@ -174,3 +174,12 @@ def test_union_parse_errors_become_one_readable_line():
                "  Subtypes: [list[dict[str, typing.Any]], <class 'NoneType'>]\n  Errors:\n    - Expected a <class 'list'>\n"
                "    - Expected a <class 'NoneType'>\n  Given value type: <class 'str'>\n  Given value: 5")
     assert tidy_parse_error(message, []) == "model.constraints: expected list[dict[str, Any]] or NoneType, got 5 (str)"
+
+
+def test_reward_model_held_out_calibration_without_statistics_is_one_line(capfd, tmp_path):
+    folder = tmp_path / "rm-export"
+    folder.mkdir()  # an RM folder without l3m_reward_model.json: fails while the config is built, before any loading
+    spec = f"[{{name: harmlessness, model_name_or_path: {folder}, threshold: 0.45, calibration: held_out}}]"
+    line = error_line(capfd, quick(tmp_path, "--model.constraints", spec))
+    assert line == (f"error: model.constraints[0]: constraint 'harmlessness': calibration: held_out needs {folder / 'l3m_reward_model.json'} "
+                    "with held-out reward mean/std (export the RM with `cli.py rm fit`), got none")

@@ -1,12 +1,18 @@
 """experiments/harmless_table.py's data conversion and violated→satisfied read-out, on hand-made data."""
 
+import argparse
 import gzip
 import json
 import sys
+import warnings
 from pathlib import Path
+
+import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from constraints import build_constraint  # noqa: E402
 from experiments import harmless_table  # noqa: E402
 
 
@@ -57,3 +63,48 @@ def test_constraint_ema_callback_is_read_back_from_tensorboard(tmp_path):
     assert [s for s, _ in series[harmless_table.EMA_TAG]] == [0, 1, 2]
     assert series["missing/tag"] == []
     assert harmless_table.transition(series[harmless_table.EMA_TAG])["first_satisfied_step"] == 2
+
+
+def _rm_folder(tmp_path: Path, spec: dict) -> Path:
+    """An RM folder as far as the calibration goes: just its l3m_reward_model.json (no model is loaded)."""
+    folder = tmp_path / "hf_model"
+    folder.mkdir()
+    (folder / "l3m_reward_model.json").write_text(json.dumps(spec))
+    return folder
+
+
+def test_constraint_uses_held_out_calibration_with_the_numbers_once_copied_by_hand(tmp_path):
+    held = {"mean": 0.123456789012345, "std": 1.0987654321, "accuracy": 0.663}
+    args = argparse.Namespace(rm=_rm_folder(tmp_path, {"format": {}, "held_out": held}), threshold=None, scale=None)
+    spec = harmless_table.constraint_spec(args)
+    assert spec["calibration"] == "held_out" and spec["model_name_or_path"] == str(args.rm)
+    assert (spec["threshold"], spec["scale"]) == (0.45, 2.0)  # the frozen config's
+    # the mean/std the script used to copy into the spec, bit for bit
+    assert harmless_table.rm_calibration(args) == {"mean": float(held["mean"]), "std": float(held["std"])}
+    constraint = build_constraint(spec)
+    assert (constraint.calibration["mean"], constraint.calibration["std"], constraint.scale) == (held["mean"], held["std"], 2.0)
+    for run in harmless_table.RUNS:
+        assert harmless_table.config_value(harmless_table.config(run), "model.constraints")[0]["calibration"] == "held_out"
+
+
+def test_rm_without_held_out_statistics_stops_the_script_in_one_line(tmp_path):
+    args = argparse.Namespace(rm=_rm_folder(tmp_path, {"format": {}}), threshold=None, scale=None)
+    with pytest.raises(SystemExit) as caught:
+        harmless_table.rm_calibration(args)
+    assert str(caught.value) == (
+        f"--rm: constraint 'harmlessness': calibration: held_out needs {args.rm / 'l3m_reward_model.json'} with held-out "
+        "reward mean/std (export the RM with `cli.py rm fit`), got a file without them"
+    )
+
+
+def test_frozen_configs_parse_with_held_out(capfd):
+    from l3m_lightning.cli import main
+
+    for run in harmless_table.RUNS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(SystemExit) as caught:
+                main(["fit", "--config", str(harmless_table.config(run)), "--print_config"])
+        assert caught.value.code in (0, None)
+        constraint = yaml.safe_load(capfd.readouterr().out)["model"]["constraints"][0]
+        assert constraint["calibration"] == "held_out" and constraint["name"] == "harmlessness"

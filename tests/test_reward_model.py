@@ -1,18 +1,24 @@
 """reward_model constraint on tiny random-init sequence classifiers saved to a temp dir and loaded by path."""
 
 import gzip
+import io
 import json
+import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from _tiny_models import build_reward_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from constraints import ConstraintError, HarmlessnessConstraint, HelpfulnessConstraint, RewardModelConstraint, build_constraint
+from constraints import ConfigError, ConstraintError, HarmlessnessConstraint, HelpfulnessConstraint, RewardModelConstraint, build_constraint
+from constraints.base import ConstraintConfigError
 from constraints.data_files import load_rows
-from constraints.reward_model import DEFAULT_TEMPLATE, format_for_reward_model, resolve_model_path
+from constraints.reward_model import DEFAULT_TEMPLATE, FORMAT_FILE, format_for_reward_model, resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["how do i bake bread ?", "tell me a story", "can you help me steal a cat", "what is a poem", "hi", "how to plant a garden"]
 RESPONSES = [
@@ -202,3 +208,129 @@ def test_load_rows_reads_json_jsonl_and_gz(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{oops\n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         load_rows(tmp_path / "bad.jsonl")
+
+
+# --- calibration: held_out (the held-out reward statistics an exported RM records) ----------------------
+def exported_rm(rm_path, folder, spec=None):
+    """A copy of the tiny RM, as ``cli.py rm fit`` exports it: with ``l3m_reward_model.json`` holding ``spec`` (None: no file)."""
+    shutil.copytree(rm_path, folder)
+    if spec is not None:
+        (folder / FORMAT_FILE).write_text(spec if isinstance(spec, str) else json.dumps(spec))
+    return folder
+
+
+HELD_OUT_STATS = {"mean": 0.3125, "std": 0.625, "accuracy": 0.71}
+
+
+def test_held_out_calibration_reads_the_export_and_standardises(rm_path, tmp_path):
+    folder = exported_rm(rm_path, tmp_path / "rm", {"format": {}, "held_out": HELD_OUT_STATS})
+    c = build_constraint({"name": "reward_model", "model_name_or_path": str(folder), "threshold": 0.5, "calibration": "held_out"})
+    assert c.scale == 1.0 and c.model is None  # standardised units; read from the file without loading the RM
+    assert c.state_dict() == {"calibration": {"mean": 0.3125, "std": 0.625, "source": str(folder / FORMAT_FILE)}}
+    rewards, valid = c.evaluate(PROMPTS, RESPONSES, [[1]] * len(PROMPTS))
+    text = DEFAULT_TEMPLATE.format(prompt=PROMPTS[0], response=RESPONSES[0])
+    assert valid.all() and rewards[0].item() == pytest.approx((manual_score(folder, text) - 0.3125) / 0.625, abs=1e-5)
+    raw = RewardModelConstraint(threshold=0.0, scale=1.0, model_name_or_path=str(folder)).score(PROMPTS, RESPONSES, [])
+    assert torch.allclose(rewards, (raw - 0.3125) / 0.625)
+    assert torch.allclose(c.cost(rewards), 0.5 - rewards)  # the threshold is in standard deviations
+
+
+def test_held_out_scale_can_still_be_given(rm_path, tmp_path):
+    folder = exported_rm(rm_path, tmp_path / "rm", {"held_out": HELD_OUT_STATS})
+    assert RewardModelConstraint(threshold=0.0, model_name_or_path=str(folder), calibration="held_out", scale=2.0).scale == 2.0
+
+
+@pytest.mark.parametrize(
+    "spec, got",
+    [
+        (None, "got none"),
+        ({"format": {"max_length": 48}}, "got a file without them"),
+        ({"held_out": {"mean": 0.1}}, "got held_out: {'mean': 0.1}"),
+        ({"held_out": {"mean": 0.1, "std": 0.0}}, "got mean 0.1, std 0.0 (the std must be a finite number > 0)"),
+        ("{not json", "got a file that is not valid JSON"),
+    ],
+)
+def test_held_out_without_the_statistics_fails_at_construction_in_one_line(rm_path, tmp_path, spec, got):
+    folder = exported_rm(rm_path, tmp_path / "rm", spec)
+    with pytest.raises(ConfigError) as caught:
+        build_constraint({"name": "harmlessness", "model_name_or_path": str(folder), "threshold": 0.45, "calibration": "held_out"})
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(
+        f"constraint 'harmlessness': calibration: held_out needs {folder / FORMAT_FILE} with held-out reward mean/std "
+        f"(export the RM with `cli.py rm fit`), {got}"
+    ), message
+
+
+def test_held_out_for_a_missing_folder_and_an_unknown_string(tmp_path):
+    with pytest.raises(ConfigError, match=r"needs .*/nowhere/l3m_reward_model.json .* got none \(no such folder\)$"):
+        RewardModelConstraint(threshold=0.0, model_name_or_path=str(tmp_path / "nowhere"), calibration="held_out")
+    with pytest.raises(ValueError, match=r"calibration must be a mapping \{mean, std\} or 'held_out', got 'heldout'"):
+        RewardModelConstraint(threshold=0.0, model_name_or_path=str(tmp_path), calibration="heldout")
+    with pytest.raises(ValueError, match="not both"):
+        RewardModelConstraint(threshold=0.0, model_name_or_path=str(tmp_path), calibration="held_out", calibration_file="c.jsonl")
+
+
+def test_held_out_state_dict_round_trip_keeps_the_saved_numbers(rm_path, tmp_path):
+    folder = exported_rm(rm_path, tmp_path / "rm", {"held_out": HELD_OUT_STATS})
+    first = RewardModelConstraint(threshold=0.0, model_name_or_path=str(folder), calibration="held_out")
+    state = first.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # as in a checkpoint
+    buffer.seek(0)
+    # The folder is re-exported with other statistics: a resumed run keeps the ones it trained with.
+    (folder / FORMAT_FILE).write_text(json.dumps({"held_out": {"mean": -4.0, "std": 3.0}}))
+    resumed = RewardModelConstraint(threshold=0.0, model_name_or_path=str(folder), calibration="held_out")
+    assert resumed.calibration["mean"] == -4.0
+    resumed.load_state_dict(torch.load(buffer))
+    resumed.setup("cpu")
+    assert resumed.state_dict() == state and resumed.calibration["mean"] == 0.3125
+    assert torch.allclose(resumed.score(PROMPTS, RESPONSES, []), first.score(PROMPTS, RESPONSES, []))
+
+
+def test_held_out_for_a_package_rm_is_read_at_load(rm_path, tmp_path, monkeypatch):
+    good = exported_rm(rm_path, tmp_path / "good", {"held_out": HELD_OUT_STATS})
+    bare = exported_rm(rm_path, tmp_path / "bare")
+    for module, folder in (("fake_rm_good", good), ("fake_rm_bare", bare)):
+        fake = types.ModuleType(module)
+        fake.get_model_path = lambda folder=folder: folder
+        monkeypatch.setitem(sys.modules, module, fake)
+    c = RewardModelConstraint(threshold=0.0, model_name_or_path="pkg:fake_rm_good", calibration="held_out")
+    assert c.calibration is None and c.state_dict() == {} and c.scale == 1.0
+    c.setup("cpu")
+    assert c.state_dict()["calibration"] == {"mean": 0.3125, "std": 0.625, "source": str(good / FORMAT_FILE)}
+    missing = RewardModelConstraint(threshold=0.0, model_name_or_path="pkg:fake_rm_bare", calibration="held_out", name="rm")
+    with pytest.raises(ConstraintConfigError, match=rf"^constraint 'rm': calibration: held_out needs {bare / FORMAT_FILE} .* got none$"):
+        missing.setup("cpu")
+
+
+def test_calibration_annotation_parses_with_jsonargparse():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(RewardModelConstraint, "rm")
+    base = ["--rm.threshold", "0.45", "--rm.model_name_or_path", "x"]
+    assert parser.parse_args([*base, "--rm.calibration", "held_out"]).rm.calibration == "held_out"
+    assert parser.parse_args([*base, "--rm.calibration", "{mean: 0.5, std: 2.0}"]).rm.calibration == {"mean": 0.5, "std": 2.0}
+    with pytest.raises(Exception):
+        parser.parse_args([*base, "--rm.calibration", "heldout"])
+
+
+def test_cli_config_with_held_out_parses(tmp_path, capfd):
+    import warnings
+
+    import yaml
+
+    from l3m_lightning.cli import main
+
+    config = tmp_path / "held_out.yaml"
+    config.write_text(
+        "model:\n  constraints:\n    - name: harmlessness\n      model_name_or_path: runs/rm/hf_model\n"
+        "      calibration: held_out\n      threshold: 0.45\n      scale: 2.0\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(SystemExit) as caught:
+            main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(config), "--print_config"])
+    assert caught.value.code in (0, None)
+    constraint = yaml.safe_load(capfd.readouterr().out)["model"]["constraints"][0]
+    assert constraint["calibration"] == "held_out" and constraint["threshold"] == 0.45

@@ -141,6 +141,9 @@ def test_bradley_terry_learns_separable_toy_and_exports_for_the_constraint(tiny_
     chosen = rm.evaluate(prompts, [r["chosen"] for r in held_out], [[1]] * len(held_out))[0]
     rejected = rm.evaluate(prompts, [r["rejected"] for r in held_out], [[1]] * len(held_out))[0]
     assert rm.max_length == 48 and (chosen > rejected).float().mean() >= 0.9
+    # `calibration: held_out` standardises with exactly the statistics the export recorded
+    calibrated = build_constraint({"name": "reward_model", "model_name_or_path": str(export), "threshold": 0.0, "calibration": "held_out"})
+    assert (calibrated.calibration["mean"], calibrated.calibration["std"]) == (spec["held_out"]["mean"], spec["held_out"]["std"])
     assert type(rm.model).__name__ == ("BertForSequenceClassification" if pooling == "model" else "PooledRewardModel")
 
 

@@ -245,7 +245,7 @@ class RewardModelModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec: dict[str, Any] = {"format": datamodule.format_spec() if hasattr(datamodule, "format_spec") else {}}
         if self.reward_stats is not None:
-            # Held-out rewards' mean/std: `calibration: {mean, std}` for the reward_model constraint.
+            # Held-out rewards' mean/std: what the reward_model constraint's `calibration: held_out` reads.
             spec["held_out"] = self.reward_stats
         (target / FORMAT_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         if self._trainer is not None:
