@@ -1,7 +1,7 @@
-"""Where an L3M training step spends its time, against an SFT step and a bare KV-cached decode loop.
+"""Where an L3M training step spends its time, against an SFT step, a bare KV-cached decode loop and ``cli.py fit``.
 
-    OMP_NUM_THREADS=1 python bench/step_time.py                      # small defaults, ~2 min on 2 CPU cores
-    python bench/step_time.py --configs 50m --batch-size 8 --num-samples 4 --max-new-tokens 64 --steps 5
+    OMP_NUM_THREADS=1 python bench/step_time.py                      # small defaults, ~3 min on 2 CPU cores
+    python bench/step_time.py --configs 50m --batch-size 4 --num-samples 4 --max-new-tokens 32 --steps 5 --fit-steps 8
 
 For each model config (``embedded``: the embedded default; ``50m``: a ~50M-parameter Llama via
 ``model_config`` overrides), on one real batch of the embedded data, it times (median over
@@ -12,8 +12,14 @@ For each model config (``embedded``: the embedded default; ``50m``: a ~50M-param
   and samples (``module.policy_logprobs``), the constrained objective (``module.decode`` +
   ``module.objective.step``: constraints, Ĉ, λ, surrogate), the backward pass of the summed loss,
   and the optimiser (AdamW step);
-* the real thing end to end: ``training_step`` + one backward + optimiser step ("L3M step"),
-  and an SFT step (SFT forward/backward + optimiser);
+* the real thing end to end: ``training_step`` + one backward + what Lightning does after it
+  (clip the gradient norm at ``--gradient-clip-val``, the module's own optimiser — fused AdamW — and
+  its schedule) ("L3M step"), and an SFT step (SFT forward/backward + the same optimiser step);
+* the same step under ``python cli.py fit`` (``--fit-steps``; TensorBoard logger, progress bar,
+  the real loop), timed by ``l3m_lightning.callbacks.StepTimer``: ``fit/bench`` near 1 means the
+  bench sees what fit spends;
+* the step's sampling call with ``decoder: lean`` and with ``decoder: generate`` (transformers'
+  ``generate``) on the same batch: ``lean/generate`` is the sampler's throughput ratio;
 * a bare KV-cached sampling loop (prefill, then one token per step for every row, no stopping, no
   logits processors) on the same model, prompts and K: the practical limit for sampling here;
 * the SFT + policy-gradient forward/backward alone, fused (one packed, padding-free pass) against
@@ -21,7 +27,8 @@ For each model config (``embedded``: the embedded default; ``50m``: a ~50M-param
   ``max_new_tokens``, the worst case for packing) and cut by EOS at uniform random lengths
   ("varied": what a trained policy's samples look like).
 
-Reported: per-phase ms, sampled tokens/s, sampling throughput as a fraction of the bare loop,
+Responses are pinned to ``max_new_tokens`` (``model.sampling.min_new_tokens``), so every sampler
+and the bare loop produce the same tokens per step. Reported: per-phase ms, sampled tokens/s, sampling throughput as a fraction of the bare loop,
 L3M step / SFT step, L3M step / (sampling + forward + objective + backward + optimiser) (1.0 = no
 hidden overhead), fused / two-pass (end-to-end step, and forward/backward only on full and varied
 lengths), peak memory (max RSS of the process on CPU — each config runs in its own subprocess —
@@ -117,6 +124,47 @@ def peak_memory_mb(device) -> float:
     return rss_kb / 1024
 
 
+def fit_step_time(name: str, args) -> dict:
+    """The same step under ``python cli.py fit`` (TensorBoard logger, progress bar, the real loop), timed by ``StepTimer``.
+
+    Same model, constraint, sampling, optimiser, clipping and batch size as the bench's step; the
+    batches are the data module's own (prompt lengths vary a little from the bench's one batch).
+    Returns the median ``step_s`` after ``--warmup`` untimed steps.
+    """
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as folder:
+        times = Path(folder) / "times.json"
+        config = {
+            "seed_everything": 0,
+            "trainer": {"max_steps": args.warmup + args.fit_steps, "accelerator": "gpu" if args.device.startswith("cuda") else "cpu",
+                        "devices": 1, "gradient_clip_val": args.gradient_clip_val or None, "limit_val_batches": 0,
+                        "num_sanity_val_steps": 0, "enable_checkpointing": False, "default_root_dir": folder,
+                        "precision": "bf16-true" if args.dtype == "bfloat16" else "32-true",
+                        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": folder}},
+                        "callbacks": [{"class_path": "l3m_lightning.callbacks.StepTimer", "init_args": {"output_path": str(times)}}]},
+            "model": {"policy": {"config": dict(CONFIGS[name]) or None}, "sft_loss_reduction": "sequence",
+                      "constraints": [{"name": "length", "sense": "at_most", "threshold": 10, "scale": 10}],
+                      "sampling": sampling_options(args), "optimizer": {"learning_rate": 1e-4}, "export_dir": ""},
+            "data": {"batch_size": args.batch_size, "embedded_num_prompts": max(200, 4 * args.batch_size), "max_val_rows": 8},
+        }
+        path = Path(folder) / "fit.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(path)], capture_output=True, text=True, cwd=folder)
+        if proc.returncode:
+            sys.exit(f"cli.py fit ({name}) failed:\n{proc.stderr[-4000:]}")
+        step_s = json.loads(times.read_text())["step_s"][args.warmup :]
+    return {"fit_step_ms": 1000 * statistics.median(step_s), "fit_steps_timed": len(step_s)}
+
+
+def sampling_options(args) -> dict:
+    """K, lengths pinned to ``max_new_tokens`` (stop tokens held back, as every tool in the comparison does), the decoder."""
+    return {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens,
+            "decoder": args.decoder}
+
+
 def run_one(name: str, args) -> dict:
     import torch
 
@@ -132,7 +180,7 @@ def run_one(name: str, args) -> dict:
     module = L3MModule(
         policy={"config": overrides or None, "torch_dtype": None},
         constraints=[{"name": "length", "sense": "at_most", "threshold": 10, "scale": 10}],
-        sampling={"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens},
+        sampling=sampling_options(args),
         sft_loss_reduction="sequence",
         optimizer={"learning_rate": 1e-4},
     ).to(device)
@@ -145,16 +193,23 @@ def run_one(name: str, args) -> dict:
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-4)
+    built = module.build_optimizer(total_steps=1000)  # what configure_optimizers gives fit: AdamW (fused) + warm-up-cosine
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
     timer = Timer(device)
-    no_eos = _NoEos(module)  # no row stops early: generate and the bare loop do the same work
+
+    def optimizer_step() -> None:
+        """Lightning's automatic optimisation after backward: clip the norm, step, zero the gradients, step the schedule."""
+        if args.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(module.model.parameters(), args.gradient_clip_val)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
 
     def sft_step():
         with timer("sft_step"):
             loss, _ = module.sft_loss(batch)
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step()
 
     def set_fused(fused: bool) -> None:
         module.options.policy = replace(module.options.policy, fused_forward=fused)
@@ -162,7 +217,7 @@ def run_one(name: str, args) -> dict:
     def phases():
         """The parts of ``training_step`` (fused forward), each timed through the module's and the objective's own calls."""
         set_fused(True)
-        with timer("sampling"), no_eos:
+        with timer("sampling"):
             rollouts = module.sample(batch, args.num_samples)
         with timer("forward"):
             sft, pg = module.policy_logprobs(batch, rollouts)
@@ -172,8 +227,7 @@ def run_one(name: str, args) -> dict:
         with timer("backward"):
             (sft_loss + step.loss).backward()
         with timer("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step()
         for lengths, samples in (("full", rollouts), ("varied", cut_at_random_lengths(rollouts))):
             for fused in (True, False):
                 forward_backward(samples, fused, f"fwd_bwd_{'fused' if fused else 'two_pass'}_{lengths}")
@@ -202,11 +256,17 @@ def run_one(name: str, args) -> dict:
 
     def l3m_step(fused: bool = True):
         set_fused(fused)
-        with timer("l3m_step" if fused else "l3m_step_two_pass"), no_eos:
+        with timer("l3m_step" if fused else "l3m_step_two_pass"):
             loss = module.training_step(batch, 0)
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step()
+
+    def sampling_with(decoder: str) -> None:
+        """The step's sampling call with ``model.sampling.decoder`` set to ``decoder``."""
+        module.options.sampling = replace(module.options.sampling, decoder=decoder)
+        with timer(f"sampling_{decoder}"):
+            module.sample(batch, args.num_samples)
+        module.options.sampling = replace(module.options.sampling, decoder=args.decoder)
 
     def bare():
         with timer("bare_decode"):
@@ -225,6 +285,8 @@ def run_one(name: str, args) -> dict:
         sampled.append(phases())
         l3m_step(fused=True)
         l3m_step(fused=False)
+        sampling_with("lean")
+        sampling_with("generate")
         bare_tokens.append(bare())
 
     med = {k: statistics.median(v) for k, v in timer.times.items()}
@@ -244,6 +306,7 @@ def run_one(name: str, args) -> dict:
         "sampled_tokens_per_s": tok_sampled / med["sampling"],
         "bare_decode_tokens_per_s": statistics.median(bare_tokens) / med["bare_decode"],
         "sampling_fraction_of_bare": (tok_sampled / med["sampling"]) / (statistics.median(bare_tokens) / med["bare_decode"]),
+        "lean_over_generate_throughput": med["sampling_generate"] / med["sampling_lean"],
         "l3m_over_sft_step": med["l3m_step"] / med["sft_step"],
         "l3m_over_parts": med["l3m_step"] / parts,
         "fused_over_two_pass": med["l3m_step"] / med["l3m_step_two_pass"],
@@ -253,33 +316,8 @@ def run_one(name: str, args) -> dict:
     }
 
 
-class _NoEos:
-    """Generation ignores EOS while timing, so every row produces ``max_new_tokens`` tokens in both loops."""
-
-    def __init__(self, module) -> None:
-        self.module = module
-
-    def __enter__(self):
-        self._orig = self.module.sample
-
-        def sample(batch, num_samples):
-            from l3m_lightning.sampling import sample_rollouts
-
-            s = self.module.options.sampling
-            # eos_token_id=-1 never matches a token: no row stops early.
-            return sample_rollouts(self.module.model, batch["prompt_input_ids"], batch["prompt_attention_mask"], num_samples=num_samples,
-                                   max_new_tokens=s.max_new_tokens, eos_token_id=-1, pad_token_id=self.module.tokenizer.pad_token_id,
-                                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-
-        self.module.sample = sample
-        return self
-
-    def __exit__(self, *exc):
-        self.module.sample = self._orig
-
-
 def table(results: list[dict]) -> str:
-    phases = [*PARTS, "sft_step", "l3m_step", "l3m_step_two_pass", "bare_decode",
+    phases = [*PARTS, "sft_step", "l3m_step", "l3m_step_two_pass", "sampling_lean", "sampling_generate", "bare_decode",
               "fwd_bwd_fused_full", "fwd_bwd_two_pass_full", "fwd_bwd_fused_varied", "fwd_bwd_two_pass_varied"]
     head = f"{'config':<10}{'params':>8}" + "".join(f"{p:>24}" for p in phases)
     lines = ["per-step time, ms (median)", head]
@@ -290,6 +328,10 @@ def table(results: list[dict]) -> str:
         lines.append(f"{r['config']:<10}{r['sampled_tokens_per_s']:>15.0f}{r['bare_decode_tokens_per_s']:>12.0f}{r['sampling_fraction_of_bare']:>15.2f}"
                      f"{r['l3m_over_sft_step']:>14.2f}{r['l3m_over_parts']:>11.2f}{r['fused_over_two_pass']:>14.2f}"
                      f"{r['fwd_bwd_fused_over_two_pass']['full']:>11.2f}{r['fwd_bwd_fused_over_two_pass']['varied']:>13.2f}{r['peak_memory_mb']:>10.0f}")
+    lines += ["", f"{'config':<10}{'lean/generate tok/s':>21}{'fit step ms':>13}{'bench step ms':>15}{'fit/bench':>11}"]
+    for r in results:
+        fit = f"{r['fit_step_ms']:>13.1f}{r['ms']['l3m_step']:>15.1f}{r['fit_over_bench']:>11.3f}" if "fit_step_ms" in r else f"{'-':>13}{r['ms']['l3m_step']:>15.1f}{'-':>11}"
+        lines.append(f"{r['config']:<10}{r['lean_over_generate_throughput']:>21.2f}{fit}")
     return "\n".join(lines)
 
 
@@ -303,6 +345,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--decoder", default="lean", choices=["lean", "generate"], help="model.sampling.decoder of the step")
+    parser.add_argument("--gradient-clip-val", type=float, default=1.0, help="as trainer.gradient_clip_val (0: none)")
+    parser.add_argument("--fit-steps", type=int, default=5, help="timed steps of the same run under cli.py fit (0: skip)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "step_time.json"))
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -315,11 +360,15 @@ def main() -> None:
     for name in args.configs:  # one subprocess per config, so peak RSS is that config's
         cmd = [sys.executable, __file__, "--_one", name, "--batch-size", str(args.batch_size), "--num-samples", str(args.num_samples),
                "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--dtype", args.dtype]
+               "--device", args.device, "--dtype", args.dtype, "--decoder", args.decoder, "--gradient-clip-val", str(args.gradient_clip_val)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if args.fit_steps:
+            result.update(fit_step_time(name, args))
+            result["fit_over_bench"] = result["fit_step_ms"] / result["ms"]["l3m_step"]
+        results.append(result)
         print(f"done: {name}", file=sys.stderr)
 
     import torch
@@ -334,6 +383,12 @@ def main() -> None:
         "dtype": args.dtype,
         "steps": args.steps,
         "warmup": args.warmup,
+        "fit_steps": args.fit_steps,
+        "decoder": args.decoder,
+        "gradient_clip_val": args.gradient_clip_val,
+        "command": " ".join(["python bench/step_time.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
     }
     print(table(results))
     out = Path(args.out)

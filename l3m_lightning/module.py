@@ -207,6 +207,8 @@ class L3MModule(L.LightningModule):
                 # gathered parameters: no collectives while decoding, each rank stops on its own
                 synced_gpus=sharded and not gathered and self.trainer.world_size > 1,
                 max_rows_per_call=s.generation_batch_size,
+                min_new_tokens=s.min_new_tokens,
+                decoder=s.decoder,
             )
 
     def decode(self, rollouts: Rollouts) -> list[str]:
@@ -400,6 +402,10 @@ class L3MModule(L.LightningModule):
         self._fully_sharded = True
 
     def configure_optimizers(self) -> dict[str, Any]:
+        return self.build_optimizer(self.trainer.estimated_stepping_batches)
+
+    def build_optimizer(self, total_steps: int) -> dict[str, Any]:
+        """AdamW (no decay on biases and norms; the value head at its own rate) and the warm-up-cosine schedule over ``total_steps``."""
         o = self.options.optimizer
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
@@ -409,7 +415,7 @@ class L3MModule(L.LightningModule):
         if self.objective.value_head is not None:
             groups.append({"params": list(self.objective.value_head.parameters()), "weight_decay": 0.0, "lr": self.options.value_baseline.lr})
         return adamw_warmup_cosine(groups, learning_rate=o.learning_rate, betas=o.betas, warmup_ratio=o.warmup_ratio,
-                                   min_lr_ratio=o.min_lr_ratio, total_steps=self.trainer.estimated_stepping_batches)
+                                   min_lr_ratio=o.min_lr_ratio, total_steps=total_steps, fused=o.fused)
 
     # --- state and outputs ----------------------------------------------------------------------
     def setup_constraints(self) -> None:

@@ -22,6 +22,14 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Every parameter can take the fused AdamW kernel: floating point, on a device torch fuses for."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return bool(params) and all(torch.is_floating_point(p) and p.device.type in devices for p in params)
+
+
 def adamw_warmup_cosine(
     param_groups: list[dict[str, Any]],
     *,
@@ -30,13 +38,16 @@ def adamw_warmup_cosine(
     warmup_ratio: float,
     min_lr_ratio: float,
     total_steps: int,
+    fused: bool = False,
 ) -> dict[str, Any]:
     """``configure_optimizers``' answer: AdamW over ``param_groups`` (each may set its own lr and weight decay), stepped per batch.
 
     ``total_steps``: the optimiser steps of the run (``trainer.estimated_stepping_batches``); warm-up is
-    ``ceil(warmup_ratio · total_steps)`` of them.
+    ``ceil(warmup_ratio · total_steps)`` of them. ``fused``: torch's fused AdamW kernel where every
+    parameter allows it (floating point, on a device it supports), else torch's default.
     """
-    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas))
+    params = [p for group in param_groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), fused=(fused and fused_supported(params)) or None)
     total = max(1, int(total_steps))
     scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=math.ceil(warmup_ratio * total), min_lr_ratio=min_lr_ratio)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

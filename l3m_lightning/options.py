@@ -113,6 +113,13 @@ class SamplingArgs(_Group):
         temperature: keep 1.0 (with top_k 0 and top_p 1.0) for an unbiased constraint gradient.
         top_k: sample among the k most likely tokens (0 = off).
         top_p: nucleus sampling (1.0 = off).
+        min_new_tokens: stop tokens are masked out until a response has this many tokens (as
+            ``generate``'s ``min_new_tokens``; 0 = off). Benchmarks pin lengths with it; it biases
+            a length constraint, so leave it at 0 for training.
+        decoder: ``lean`` (each prompt prefilled once and its KV cache shared by its K samples,
+            keys/values written in place, one uniform draw per token: ``l3m_lightning.decoding``) or
+            ``generate`` (transformers' ``generate``). Both sample the same distribution; models
+            ``lean`` cannot run, and lock-step decoding across ranks under FSDP1, use ``generate``.
     """
 
     KEY: ClassVar[str] = "model.sampling"
@@ -122,6 +129,8 @@ class SamplingArgs(_Group):
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_new_tokens: int = 0
+    decoder: str = "lean"
 
     def validate(self, where: str) -> None:
         self._need(_integer(self.num_samples) and self.num_samples >= 1, f"{where}.num_samples must be >= 1, got {self.num_samples!r}")
@@ -131,6 +140,13 @@ class SamplingArgs(_Group):
         self._need(_number(self.temperature) and self.temperature > 0, f"{where}.temperature must be > 0, got {self.temperature!r}")
         self._need(_integer(self.top_k) and self.top_k >= 0, f"{where}.top_k must be >= 0 (0 = off), got {self.top_k!r}")
         self._need(_number(self.top_p) and 0 < self.top_p <= 1, f"{where}.top_p must be in (0, 1], got {self.top_p!r}")
+        self._need(_integer(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+                   f"{where}.min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens!r}")
+        self._need(self.decoder in DECODERS, f"{where}.decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+
+
+#: ``model.sampling.decoder`` choices (``sampling.sample_rollouts``).
+DECODERS = ("lean", "generate")
 
 
 @dataclass(frozen=True)
@@ -241,6 +257,9 @@ class OptimizerArgs(_Group):
         betas: AdamW's (β1, β2).
         warmup_ratio: share of the optimiser steps spent warming up linearly.
         min_lr_ratio: the cosine ends at this fraction of the learning rate.
+        fused: torch's fused AdamW kernel (one pass over each parameter instead of one per
+            operation; on CPU and CUDA). Runs recorded before 2026-11-29 used the per-tensor loop:
+            ``false`` reproduces them.
     """
 
     KEY: ClassVar[str] = "model.optimizer"
@@ -249,8 +268,10 @@ class OptimizerArgs(_Group):
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1
+    fused: bool = True
 
     def validate(self, where: str) -> None:
+        self._need(isinstance(self.fused, bool), f"{where}.fused must be true or false, got {self.fused!r}")
         self._need(_number(self.learning_rate) and self.learning_rate > 0, f"{where}.learning_rate must be > 0, got {self.learning_rate!r}")
         self._need(_number(self.weight_decay) and self.weight_decay >= 0, f"{where}.weight_decay must be >= 0, got {self.weight_decay!r}")
         betas = self.betas

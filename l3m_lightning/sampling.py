@@ -1,7 +1,8 @@
 """Sampling responses from the policy and scoring their log-probabilities.
 
 Generation is batched over left-padded prompts with the KV cache, K samples per prompt, and
-stops each row at EOS (``transformers.generate``). The sampled sequences are then repacked
+stops each row at a stop token: by the lean loop of ``decoding.py`` (each prompt prefilled once
+for its K samples), or by ``transformers.generate`` where that loop cannot run. The sampled sequences are then repacked
 exactly like SFT rows — prompt + response, right-padded, prompt masked out — so one function
 computes log-probabilities for both.
 """
@@ -14,6 +15,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from l3m_lightning.constants import IGNORE_INDEX
+from l3m_lightning.decoding import lean_decoding_supported, lean_sample
 
 
 @dataclass
@@ -44,11 +46,13 @@ def sample_rollouts(
     do_sample: bool = True,
     synced_gpus: bool | None = None,
     max_rows_per_call: int | None = None,
+    min_new_tokens: int = 0,
+    decoder: str = "lean",
 ) -> Rollouts:
     """Sample ``num_samples`` responses for each left-padded prompt; no gradient is recorded.
 
     ``max_rows_per_call`` bounds the sequences decoded at once (the KV cache grows with them): the
-    prompts go through ``generate`` in chunks of ``max(1, max_rows_per_call // num_samples)``.
+    prompts are decoded in chunks of ``max(1, max_rows_per_call // num_samples)``.
 
     ``synced_gpus=True`` keeps every rank running forward passes until all ranks' rows have stopped:
     required when parameters are sharded (FSDP1/FSDP2), where each forward all-gathers parameters
@@ -57,31 +61,48 @@ def sample_rollouts(
 
     ``eos_token_id`` may list several stop tokens (the tokenizer's EOS and the chat template's
     end-of-turn token, ``policy.stop_token_ids``): a row stops at the first of any of them.
+
+    ``decoder="lean"`` samples with ``decoding.lean_sample`` where it can (not under lock-step
+    ``synced_gpus``, not for models ``lean_decoding_supported`` rejects); otherwise ``generate``.
+    Both sample the same distribution.
     """
+    stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    chunk = len(prompt_input_ids) if not max_rows_per_call else max(1, max_rows_per_call // num_samples)
+    chunks = list(zip(prompt_input_ids.split(chunk), prompt_attention_mask.split(chunk)))
+    was_training = model.training
+    model.eval()
+    try:
+        if decoder == "lean" and do_sample and not synced_gpus and lean_decoding_supported(model):
+            pieces = [lean_sample(model, ids, mask, num_samples, max_new_tokens, stop_ids, pad_token_id, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens) for ids, mask in chunks]
+        else:
+            pieces = _generate(model, chunks, num_samples, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+                               do_sample, synced_gpus, min_new_tokens)
+    finally:
+        model.train(was_training)
+    width = max(p.shape[1] for p in pieces)  # a chunk whose rows all hit EOS early is narrower
+    new_tokens = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_token_id) for p in pieces])
+    return pack_rollouts(prompt_input_ids, prompt_attention_mask, new_tokens, num_samples, eos_token_id, pad_token_id)
+
+
+def _generate(model: PreTrainedModel, chunks: list[tuple[torch.Tensor, torch.Tensor]], num_samples: int, max_new_tokens: int,
+              eos_token_id: int | list[int], pad_token_id: int, temperature: float, top_k: int, top_p: float, do_sample: bool,
+              synced_gpus: bool | None, min_new_tokens: int) -> list[torch.Tensor]:
+    """Each chunk's new tokens from ``transformers.generate``."""
     config = GenerationConfig(
         do_sample=do_sample,
         temperature=temperature if do_sample else None,
         top_k=top_k if do_sample else None,
         top_p=top_p if do_sample else None,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens or None,
         num_return_sequences=num_samples,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         use_cache=True,
     )
-    chunk = len(prompt_input_ids) if not max_rows_per_call else max(1, max_rows_per_call // num_samples)
-    was_training = model.training
-    model.eval()
-    try:
-        pieces = [
-            model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced_gpus)[:, ids.shape[1] :]
-            for ids, mask in zip(prompt_input_ids.split(chunk), prompt_attention_mask.split(chunk))
-        ]
-    finally:
-        model.train(was_training)
-    width = max(p.shape[1] for p in pieces)  # a chunk whose rows all hit EOS early is narrower
-    new_tokens = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_token_id) for p in pieces])
-    return pack_rollouts(prompt_input_ids, prompt_attention_mask, new_tokens, num_samples, eos_token_id, pad_token_id)
+    return [model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced_gpus)[:, ids.shape[1] :]
+            for ids, mask in chunks]
 
 
 def pack_rollouts(

@@ -1,7 +1,9 @@
-"""bench/step_time.py still runs against the current module (one tiny timed step, no targets checked)."""
+"""The benches still run against the current code: bench/step_time.py (one tiny timed step) and bench/vs_trl.py
+(a tiny model through both tools; skipped without trl). No targets or timings are checked."""
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -22,3 +24,32 @@ def test_step_time_bench_runs_one_tiny_step(single_thread):
     assert expected <= set(row["ms"]) and all(v > 0 for v in row["ms"].values())
     assert row["sampled_tokens"] == 2 * 2 * 4  # every row runs to max_new_tokens while timing
     assert "tiny" in step_time.table([row])
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_vs_trl_bench_runs_both_tools_on_a_tiny_model(tmp_path):
+    """bench/vs_trl.py end to end on a tiny model: L3M's real CLI fit and TRL's GRPOTrainer, lengths pinned, JSON written."""
+    pytest.importorskip("trl")
+    vs_trl = _load_bench("vs_trl")
+    vs_trl.CONFIGS["tiny"] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+    out = tmp_path / "vs_trl.json"
+    result = vs_trl.main(["--configs", "tiny", "--max-new-tokens", "4", "--steps", "2", "--untimed", "1", "--repeats", "1",
+                          "--variants", "l3m,trl", "--rows", "16", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    (row,) = result["rows"]
+    assert set(row["tools"]) == {"l3m", "trl"}
+    for tool in row["tools"].values():
+        assert tool["lengths_pinned"] and tool["timed_steps"] == 1
+        assert len(tool["runs"][0]["step_s"]) == 2
+    trl_run = row["tools"]["trl"]["runs"][0]
+    assert trl_run["prompt_ids_match"] and trl_run["generation_config"]["min_new_tokens"] == 4
+    assert trl_run["model_dtype"] == "torch.float32"
+    assert set(row["floors"]["s"]) == {"bare_decode", "fwd_bwd", "optimizer"}
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["versions"]["trl"] and saved["parity"] and "TRL GRPO" in saved["table"]

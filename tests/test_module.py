@@ -214,6 +214,40 @@ def test_the_value_head_has_its_own_learning_rate():
     assert all(g["initial_lr"] == 1e-6 for g in optimizer.param_groups if g is not groups[0])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_optimizer_is_fused_adamw_unless_told_otherwise(fused):
+    """``model.optimizer.fused``: one kernel per update on CPU/CUDA; ``false`` keeps the per-tensor loop of earlier runs."""
+    module = _module(optimizer={"fused": fused})
+    optimizer = module.build_optimizer(total_steps=10)["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults["fused"]) is fused
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_fused_and_per_tensor_adamw_take_the_same_step():
+    """The fused kernel computes AdamW's update (to rounding): switching it on changes speed, not the method."""
+    from l3m_lightning.optim import adamw_warmup_cosine
+
+    torch.manual_seed(0)
+    weights = [torch.randn(4, 3), torch.randn(3)]
+    results = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = adamw_warmup_cosine([{"params": params, "weight_decay": 0.1}], learning_rate=1e-2, betas=(0.9, 0.95), warmup_ratio=0.0,
+                                  min_lr_ratio=0.1, total_steps=5, fused=fused)["optimizer"]
+        for step in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (step + 1))
+            opt.step()
+        results.append([p.detach() for p in params])
+    for slow, fast in zip(*results):
+        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-7)
+
+
 def test_held_out_values_are_averaged_per_prompt_over_eval_num_samples(batch):
     from l3m_lightning.sampling import pack_rollouts
 

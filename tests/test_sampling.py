@@ -84,5 +84,5 @@ def test_micro_batches_that_stop_early_are_padded_back_to_one_width(model, token
     outputs = iter([torch.tensor([[5, 6, 9, eos]]), torch.tensor([[7, 8, 9, 9, 9, 9]])])
     with mock.patch.object(model, "generate", side_effect=lambda **kw: next(outputs)):
         r = sample_rollouts(model, ids, mask, num_samples=1, max_new_tokens=4, eos_token_id=eos,
-                            pad_token_id=tokenizer.pad_token_id, max_rows_per_call=1)
+                            pad_token_id=tokenizer.pad_token_id, max_rows_per_call=1, decoder="generate")
     assert r.completion_ids == [[9], [9, 9, 9, 9]] and r.finished.tolist() == [True, False]

@@ -1,0 +1,196 @@
+"""The lean sampler samples generate's distribution: token for token with generate's draw, by frequency with its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from l3m_lightning.decoding import ReservedLayer, inverse_cdf_draw, lean_decoding_supported, lean_sample, reserved_cache
+from l3m_lightning.embedded.model import build_embedded_model
+from l3m_lightning.options import SamplingArgs
+from l3m_lightning.sampling import sample_rollouts
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_embedded_model(tokenizer, TINY, seed=0).eval()
+
+
+def left_padded(lengths: list[int], pad: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded as the data module pads them."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.randint(5, 500, (n,), generator=g)
+        mask[i, width - n :] = 1
+    return ids, mask
+
+
+def generate_new_tokens(model, ids, mask, k, max_new_tokens, stops, pad, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0):
+    return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=k, max_new_tokens=max_new_tokens,
+                          min_new_tokens=min_new_tokens or None, eos_token_id=stops, pad_token_id=pad, temperature=temperature,
+                          top_k=top_k or None, top_p=top_p)[:, ids.shape[1] :]
+
+
+# 60 stop tokens: rows end at different steps, some never
+STOPS = list(range(100, 160))
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"temperature": 0.7, "top_k": 50},
+    {"top_p": 0.9},
+    {"min_new_tokens": 6},
+], ids=["plain", "temperature_top_k", "top_p", "min_new_tokens"])
+def test_exact_draw_gives_generates_tokens_for_the_same_seed(model, tokenizer, settings):
+    """Prefill once + K-fold cache, positions under left padding, in-place cache, processors, stopping: all as generate."""
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([3, 9, 6], pad)
+    torch.manual_seed(7)
+    expected = generate_new_tokens(model, ids, mask, 3, 16, STOPS, pad, **settings)
+    torch.manual_seed(7)
+    got = lean_sample(model, ids, mask, 3, 16, STOPS, pad, exact_draw=True, **settings)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+    finished = torch.isin(got, torch.tensor(STOPS)).any(dim=1)
+    assert 0 < int(finished.sum()) < len(got), "the case must have rows that stop and rows that run to the end"
+
+
+def test_the_loop_ends_when_every_row_has_stopped(model, tokenizer):
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([4, 5], pad)
+    every_token = list(range(len(tokenizer)))  # any token stops a row: one step
+    torch.manual_seed(0)
+    got = lean_sample(model, ids, mask, 2, 10, every_token, pad)
+    assert got.shape == (4, 1)
+
+
+def test_min_new_tokens_holds_back_the_stop_tokens(model, tokenizer):
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([4, 7], pad)
+    many_stops = list(range(100, 600))  # a quarter of the vocabulary: rows would stop early
+    torch.manual_seed(0)
+    got = lean_sample(model, ids, mask, 4, 12, many_stops, pad, min_new_tokens=5)
+    assert got.shape[1] > 5 and not torch.isin(got[:, :5], torch.tensor(many_stops)).any()
+    torch.manual_seed(0)
+    free = lean_sample(model, ids, mask, 4, 12, many_stops, pad)
+    assert torch.isin(free[:, :5], torch.tensor(many_stops)).any(), "without it, some row stops within 5 tokens (the check has teeth)"
+
+
+def test_inverse_cdf_draw_matches_the_probabilities():
+    probs = torch.tensor([0.05, 0.0, 0.4, 0.25, 0.0, 0.3])
+    torch.manual_seed(0)
+    draws = inverse_cdf_draw(probs.expand(40_000, -1))
+    counts = torch.bincount(draws, minlength=len(probs)).double()
+    assert counts[1] == 0 and counts[4] == 0  # probability 0: never drawn
+    keep = probs > 0
+    expected = probs[keep].double() / probs.double().sum() * counts.sum()
+    assert chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_inverse_cdf_draw_never_returns_a_zero_probability_tail(monkeypatch):
+    """A uniform that rounds onto the CDF's end picks the last possible token, not a masked one after it."""
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
+    assert inverse_cdf_draw(probs).tolist() == [1]
+
+
+def test_lean_first_tokens_follow_the_models_distribution(model, tokenizer):
+    """The whole lean path (prefill, K-fold logits, top-k, inverse-CDF draw) against the model's own next-token law."""
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([5], pad)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[0, -1].float()
+    top = logits.topk(6)
+    expected = torch.softmax(top.values.double(), dim=-1)
+    torch.manual_seed(0)
+    first = lean_sample(model, ids, mask, 20_000, 1, [-1], pad, top_k=6)[:, 0]
+    counts = torch.stack([(first == t).sum() for t in top.indices]).double()
+    assert counts.sum() == len(first)  # nothing outside the top 6
+    assert chisquare(counts.numpy(), (expected * len(first)).numpy()).pvalue > 1e-3
+
+
+def test_sample_rollouts_lean_and_generate_agree_with_the_exact_draw(model, tokenizer, monkeypatch):
+    """``decoder: lean`` goes through lean_sample (here with generate's draw) chunk by chunk, like generate."""
+    import l3m_lightning.sampling as sampling
+
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([3, 8, 5, 6], pad)
+    kwargs = dict(num_samples=2, max_new_tokens=10, eos_token_id=STOPS, pad_token_id=pad, max_rows_per_call=4)
+    torch.manual_seed(3)
+    reference = sample_rollouts(model, ids, mask, decoder="generate", **kwargs)
+    exact = lambda *a, **kw: lean_sample(*a, **kw, exact_draw=True)  # noqa: E731
+    monkeypatch.setattr(sampling, "lean_sample", exact)
+    torch.manual_seed(3)
+    lean = sample_rollouts(model, ids, mask, decoder="lean", **kwargs)
+    assert lean.completion_ids == reference.completion_ids
+    assert torch.equal(lean.input_ids, reference.input_ids) and torch.equal(lean.finished, reference.finished)
+
+
+class NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward cannot return only the last logits: the lean loop must not take it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, use_cache=use_cache)
+
+
+def test_models_the_lean_loop_cannot_run_fall_back_to_generate(model, tokenizer, monkeypatch):
+    assert lean_decoding_supported(model)
+    assert not lean_decoding_supported(NoLogitsToKeep(model))
+    import l3m_lightning.sampling as sampling
+
+    calls = []
+    monkeypatch.setattr(sampling, "_generate", lambda *a, **kw: calls.append("generate") or [torch.zeros(2, 1, dtype=torch.long)])
+    monkeypatch.setattr(sampling, "lean_decoding_supported", lambda m: False)
+    ids, mask = left_padded([3], tokenizer.pad_token_id)
+    sample_rollouts(model, ids, mask, 2, 4, STOPS, tokenizer.pad_token_id, decoder="lean")
+    assert calls == ["generate"]
+    calls.clear()
+    monkeypatch.setattr(sampling, "lean_decoding_supported", lambda m: True)
+    sample_rollouts(model, ids, mask, 2, 4, STOPS, tokenizer.pad_token_id, decoder="lean", synced_gpus=True)  # FSDP1 lock-step
+    assert calls == ["generate"]
+
+
+def test_a_lora_wrapped_policy_takes_the_lean_loop_and_matches_generate(model, tokenizer):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear")).eval()
+    assert lean_decoding_supported(wrapped)
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([4, 6], pad)
+    torch.manual_seed(5)
+    expected = generate_new_tokens(wrapped, ids, mask, 2, 8, STOPS, pad)
+    torch.manual_seed(5)
+    assert torch.equal(lean_sample(wrapped, ids, mask, 2, 8, STOPS, pad, exact_draw=True), expected)
+
+
+def test_reserved_cache_writes_in_place_after_reserve(model):
+    cache = reserved_cache(model.config)
+    assert all(isinstance(layer, ReservedLayer) for layer in cache.layers)
+    layer = cache.layers[0]
+    k = torch.randn(2, 2, 3, 8)
+    layer.update(k, k.clone())
+    layer.reserve(4)
+    buffer = layer._keys_buffer
+    new = torch.randn(2, 2, 1, 8)
+    keys, _ = layer.update(new, new.clone())
+    assert keys.data_ptr() == buffer.data_ptr() and keys.shape[-2] == 4
+    assert torch.equal(keys[..., :3, :], k) and torch.equal(keys[..., 3:, :], new)
+
+
+def test_sampling_options_check_the_decoder_and_min_new_tokens():
+    with pytest.raises(ValueError, match=r"model.sampling.decoder must be one of lean, generate, got 'vllm'"):
+        SamplingArgs(decoder="vllm").validate("model.sampling")
+    with pytest.raises(ValueError, match=r"model.sampling.min_new_tokens must be in \[0, max_new_tokens=8\], got 9"):
+        SamplingArgs(max_new_tokens=8, min_new_tokens=9).validate("model.sampling")
