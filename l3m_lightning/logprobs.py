@@ -146,3 +146,116 @@ def packing_matches_padding(model: torch.nn.Module, parts: list[Batch], pad_toke
     finally:
         model.train(was_training)
     return bool(torch.allclose(packed, padded, atol=atol, rtol=1e-4))
+
+
+# --- one forward per prompt, shared by its reference and its K samples -------------------------------------------------
+@dataclass
+class Responses:
+    """One part's responses (the labelled tokens of each row), right-padded, and the prompt each answers."""
+
+    ids: torch.Tensor  # [M, R]
+    mask: torch.Tensor  # [M, R]
+    prompt_index: torch.Tensor  # [M]
+
+
+@dataclass
+class SharedPrompt:
+    """Responses laid out after their prompts' cache: one prompt forward for all the responses to a prompt.
+
+    A training step scores every prompt K + 1 times (its reference and K samples): packed or padded,
+    each copy of the prompt goes through the model. Here the B prompts go through once, their
+    keys/values are indexed out to every response, and each part's responses go through one more
+    forward on top of that cache; gradients flow back through the cache into the prompt pass, so the
+    log-probabilities and their gradients are the full rows' (to rounding).
+    """
+
+    prompt_input_ids: torch.Tensor  # [B, P] left-padded
+    prompt_attention_mask: torch.Tensor  # [B, P]
+    parts: list[Responses]
+
+    def tokens(self) -> int:
+        """Positions the forward passes compute (what the module weighs against packing)."""
+        return self.prompt_input_ids.numel() + sum(part.ids.numel() for part in self.parts)
+
+
+def share_prompts(prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor, parts: list[tuple[Batch, torch.Tensor]],
+                  pad_token_id: int) -> SharedPrompt | None:
+    """Lay out ``parts`` (each a right-padded batch and its rows' prompt indices) after their prompts, or ``None``.
+
+    ``None`` when a row is not its prompt followed directly by its labelled response (then only the
+    packed or padded passes are exact).
+    """
+    prompt_len = prompt_attention_mask.sum(dim=1).tolist()
+    width = prompt_input_ids.shape[1]
+    laid_out = []
+    for (input_ids, attention_mask, labels), prompt_of_row in parts:
+        responses = []
+        for row, length, lab, p in zip(input_ids, attention_mask.sum(dim=1).tolist(), labels, prompt_of_row.tolist()):
+            n = prompt_len[p]
+            labelled = (lab[:length] != IGNORE_INDEX).nonzero().flatten().tolist()
+            if not labelled or labelled[0] != n or labelled[-1] - n + 1 != len(labelled) or not torch.equal(row[:n], prompt_input_ids[p, width - n :]):
+                return None
+            responses.append(row[n : n + len(labelled)])
+        ids = torch.nn.utils.rnn.pad_sequence(responses, batch_first=True, padding_value=pad_token_id)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in responses], batch_first=True, padding_value=0)
+        laid_out.append(Responses(ids, mask, prompt_of_row.to(prompt_input_ids.device)))
+    return SharedPrompt(prompt_input_ids, prompt_attention_mask, laid_out)
+
+
+def _cache_rows(cache, rows: torch.Tensor):
+    """A cache holding ``rows`` of ``cache``'s batch (indexing keeps the gradient; ``cache`` itself is left as it is)."""
+    import copy
+
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in selected.layers:
+        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+    return selected
+
+
+def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, with_hidden: bool = False) -> TokenLogprobs:
+    """One forward over the prompts (their cache kept, with gradient), then one per part over its responses on that cache."""
+    from transformers import DynamicCache
+
+    from l3m_lightning.decoding import cache_argument
+
+    cache_name = cache_argument(model) or "past_key_values"
+    mask = shared.prompt_attention_mask.long()
+    prompt_len = mask.sum(dim=1)
+    cache = DynamicCache(config=model.config)
+    prompt_out = model(input_ids=shared.prompt_input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=True, logits_to_keep=1, output_hidden_states=with_hidden, **{cache_name: cache})
+    logps, sequences, hiddens, offset = [], [], [], 0
+    for part in shared.parts:
+        rows, r = part.prompt_index, part.ids.shape[1]
+        out = model(input_ids=part.ids, attention_mask=torch.cat([mask[rows], part.mask], dim=1),
+                    position_ids=prompt_len[rows].unsqueeze(1) + torch.arange(r, device=mask.device),
+                    use_cache=True, output_hidden_states=with_hidden, **{cache_name: _cache_rows(cache, rows)})
+        # response token t is predicted at its prompt's last position (t = 0) or at response position t - 1
+        scored = part.mask.bool()
+        predicting = torch.cat([prompt_out.logits[rows, -1:], out.logits[:, :-1]], dim=1)[scored]
+        logps.append(torch.log_softmax(predicting.float(), dim=-1).gather(-1, part.ids[scored].unsqueeze(-1)).squeeze(-1))
+        sequences.append((torch.arange(len(rows), device=mask.device).unsqueeze(1) + offset).expand_as(scored)[scored])
+        if with_hidden:
+            hiddens.append(torch.cat([prompt_out.hidden_states[-1][rows, -1:], out.hidden_states[-1][:, :-1]], dim=1)[scored])
+        offset += len(rows)
+    return TokenLogprobs(torch.cat(logps), torch.cat(sequences), offset, torch.cat(hiddens) if with_hidden else None)
+
+
+@torch.no_grad()
+def sharing_matches_padding(model: torch.nn.Module, shared: SharedPrompt, parts: list[Batch], atol: float = 1e-3) -> bool:
+    """True when the shared-prompt pass agrees with padded passes (the model honours a cache and position ids in training).
+
+    A model the pass cannot run on at all (its forward takes no cache, or keeps none) fails the check too.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        expected = torch.cat([padded_token_logprobs(model, part).sums() for part in parts])
+        try:
+            got = shared_prompt_token_logprobs(model, shared).sums()
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+            return False
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(got, expected, atol=atol, rtol=1e-4))

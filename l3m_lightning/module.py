@@ -34,7 +34,10 @@ from l3m_lightning.callbacks import JsonlPredictionWriter
 from l3m_lightning.checkpointing import ExactResume
 from l3m_lightning.constants import IGNORE_INDEX
 from l3m_lightning.diagnostics import option_warnings, warn_all
-from l3m_lightning.logprobs import TokenLogprobs, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs
+from l3m_lightning.logprobs import (
+    SharedPrompt, TokenLogprobs, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs, share_prompts,
+    shared_prompt_token_logprobs, sharing_matches_padding,
+)
 from l3m_lightning.objective import ConstrainedObjective, ObjectiveStep
 from l3m_lightning.optim import adamw_warmup_cosine
 from l3m_lightning.options import (
@@ -117,6 +120,7 @@ class L3MModule(L.LightningModule):
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.loaded_global_step = 0
         self._packing_ok: bool | None = None  # fused_forward: does the model honour packed position ids?
+        self._sharing_ok: bool | None = None  # share_prompts: does it score a response on its prompt's cache as the whole row?
         # Held-out samples' values, gathered across ranks at epoch end (means and confidence intervals).
         self.eval_values = torch.nn.ModuleDict({key: CatMetric() for key in self._eval_metric_keys()})
         self.eval_samples: list[dict[str, Any]] = []  # a few held-out responses for report.md
@@ -218,18 +222,54 @@ class L3MModule(L.LightningModule):
     def policy_logprobs(self, batch: dict[str, Any], rollouts: Rollouts | None) -> tuple[TokenLogprobs, TokenLogprobs | None]:
         """log π of every labelled token: of the references, and of the samples if any.
 
-        With ``policy.fused_forward`` both sets go through one padding-free pass (logprobs.py): one
-        forward/backward instead of two, and no compute on padding. The samples' last hidden states
-        come along when the objective has a value head.
+        With ``policy.share_prompts`` each prompt goes through the model once for its reference and its
+        K samples (a shared cache: logprobs.py) whenever that computes fewer positions than the
+        alternative. Otherwise, with ``policy.fused_forward``, both sets go through one padding-free
+        pass: one forward/backward instead of two, and no compute on padding. The samples' last
+        hidden states come along when the objective has a value head.
         """
         sft = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         if rollouts is None:
             return padded_token_logprobs(self.model, sft), None
         pg = (rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
         hidden = self.objective.value_head is not None
+        shared = self.shared_prompt_layout(batch, sft, pg, rollouts)
+        if shared is not None:
+            return shared_prompt_token_logprobs(self.model, shared, with_hidden=hidden).split(len(sft[0]))
         if not self.packing_enabled([sft, pg]):
             return padded_token_logprobs(self.model, sft), padded_token_logprobs(self.model, pg, with_hidden=hidden)
         return packed_token_logprobs(self.model, pack([sft, pg], self.tokenizer.pad_token_id), with_hidden=hidden).split(len(sft[0]))
+
+    def shared_prompt_layout(self, batch: dict[str, Any], sft, pg, rollouts: Rollouts) -> SharedPrompt | None:
+        """The shared-prompt layout of this step's rows when it is on, exact for this model, and cheaper; else ``None``.
+
+        Cheaper: fewer positions than the packed pass (or the two padded ones). Every rank takes the
+        same path (FSDP forwards are collective). Off under gradient checkpointing, which drops caches.
+        """
+        p = self.options.policy
+        if not p.share_prompts or p.gradient_checkpointing or self._sharing_ok is False:
+            return None
+        shared = share_prompts(batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                               [(sft, torch.arange(len(sft[0]), device=self.device)), (pg, rollouts.prompt_index)], self.tokenizer.pad_token_id)
+        if p.fused_forward:
+            alternative = int(sft[1].sum() + pg[1].sum())
+        else:
+            alternative = sft[0].numel() + pg[0].numel()
+        use = torch.tensor(float(shared is not None and shared.tokens() < alternative), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            use = self.trainer.strategy.reduce(use, reduce_op="mean")
+        if use.item() != 1.0:
+            return None
+        if self._sharing_ok is None:
+            ok = torch.tensor(float(sharing_matches_padding(self.model, shared, [sft, pg])), device=self.device)
+            if self._trainer is not None:
+                ok = self.trainer.strategy.reduce(ok, reduce_op="mean")
+            self._sharing_ok = bool(ok.item() == 1.0)
+            if not self._sharing_ok:
+                rank_zero_warn(f"model.policy.share_prompts: {type(self.model).__name__} does not score a response on its prompt's "
+                               "cache as it scores the whole row; scoring whole rows instead")
+                return None
+        return shared
 
     def packing_enabled(self, parts) -> bool:
         """``policy.fused_forward``, once the model is seen to honour packed position ids (checked on the first batch)."""
@@ -452,7 +492,7 @@ class L3MModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a resumed run does not re-run the packing check's forward passes (dropout draws)
-        checkpoint["l3m"] = {**self.objective.training_state(), "packing_ok": self._packing_ok}
+        checkpoint["l3m"] = {**self.objective.training_state(), "packing_ok": self._packing_ok, "sharing_ok": self._sharing_ok}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loaded_global_step = int(checkpoint.get("global_step", 0))
@@ -466,6 +506,8 @@ class L3MModule(L.LightningModule):
         self.objective.load_training_state(state)
         if state.get("packing_ok") is not None:
             self._packing_ok = bool(state["packing_ok"])
+        if state.get("sharing_ok") is not None:
+            self._sharing_ok = bool(state["sharing_ok"])
 
     def on_fit_end(self) -> None:
         """Export the policy and tokenizer with ``save_pretrained`` so any Hugging Face tool loads them."""

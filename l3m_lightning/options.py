@@ -75,6 +75,9 @@ class PolicyArgs(_Group):
         fused_forward: reference and sampled sequences in one padding-free (packed) forward/backward;
             checked once against two padded passes, which it falls back to for a model that ignores
             packed position ids.
+        share_prompts: score each prompt once for its reference and its K samples (its keys/values
+            shared, gradients through them) whenever that computes fewer positions than the packed
+            or padded pass; checked once against padded passes. Off under gradient checkpointing.
         lora: PEFT ``LoraConfig`` fields (e.g. ``{r: 16, lora_alpha: 32}``): train LoRA adapters only.
         merge_lora_on_export: export a plain merged model (true) or just the adapters.
     """
@@ -88,6 +91,7 @@ class PolicyArgs(_Group):
     init_seed: int = 0
     gradient_checkpointing: bool = False
     fused_forward: bool = True
+    share_prompts: bool = True
     lora: dict[str, Any] | None = None
     merge_lora_on_export: bool = True
 

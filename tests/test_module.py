@@ -104,7 +104,7 @@ def test_checkpoint_round_trip_restores_mu_and_learned_multipliers(batch):
         trained.objective.after_optimizer_step()
     checkpoint: dict = {}
     trained.on_save_checkpoint(checkpoint)
-    assert set(checkpoint["l3m"]) == {"mu_schedule", "constraint_ema", "multipliers", "feasibility", "constraints", "packing_ok"}
+    assert set(checkpoint["l3m"]) == {"mu_schedule", "constraint_ema", "multipliers", "feasibility", "constraints", "packing_ok", "sharing_ok"}
 
     resumed = _module(**options)
     resumed.on_load_checkpoint(checkpoint)
@@ -129,20 +129,22 @@ def test_feasibility_monitor_warns_once_for_infeasible_and_never_active():
     assert monitor.update([-1.0, -2.0], [0.1, 0.0], mu=0.1) == [] and monitor.linear_streak[0] == 0
 
 
-def test_fused_forward_gives_the_same_loss_and_gradients_as_two_passes(batch):
+def test_packed_and_shared_prompt_passes_give_the_same_loss_and_gradients_as_two_passes(batch):
     spec = [{"name": "length", "threshold": 2, "scale": 4}]
     results = []
-    for fused in (True, False):
-        module = _module(constraints=spec, sampling={"num_samples": 2}, policy={"fused_forward": fused})
+    for fused, shared in ((False, False), (True, False), (False, True)):
+        module = _module(constraints=spec, sampling={"num_samples": 2}, policy={"fused_forward": fused, "share_prompts": shared})
         torch.manual_seed(0)
         loss = module.training_step(batch, 0)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in module.model.parameters()]))
         assert module._packing_ok is (True if fused else None)  # the fused run really packed
-    (fused_loss, fused_grads), (split_loss, split_grads) = results
-    torch.testing.assert_close(fused_loss, split_loss, rtol=1e-5, atol=1e-6)
-    for a, b in zip(fused_grads, split_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert module._sharing_ok is (True if shared else None)  # the shared run really shared
+    (split_loss, split_grads), *others = results
+    for loss, grads in others:
+        torch.testing.assert_close(loss, split_loss, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, split_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_lora_trains_adapters_only_and_exports_a_merged_model(batch, tmp_path):
