@@ -22,15 +22,15 @@ For each model config (``embedded``: the embedded default; ``50m``: a ~50M-param
   ``generate``) on the same batch: ``lean/generate`` is the sampler's throughput ratio;
 * a bare KV-cached sampling loop (prefill, then one token per step for every row, no stopping, no
   logits processors) on the same model, prompts and K: the practical limit for sampling here;
-* the SFT + policy-gradient forward/backward alone, fused (one packed, padding-free pass) against
-  two padded passes, on the sampled responses at full length ("full": every sample runs to
+* the SFT + policy-gradient forward/backward alone, each prompt once (shared-prompt pass), one
+  packed, padding-free pass, and two padded passes, on the sampled responses at full length ("full": every sample runs to
   ``max_new_tokens``, the worst case for packing) and cut by EOS at uniform random lengths
   ("varied": what a trained policy's samples look like).
 
 Responses are pinned to ``max_new_tokens`` (``model.sampling.min_new_tokens``), so every sampler
 and the bare loop produce the same tokens per step. Reported: per-phase ms, sampled tokens/s, sampling throughput as a fraction of the bare loop,
 L3M step / SFT step, L3M step / (sampling + forward + objective + backward + optimiser) (1.0 = no
-hidden overhead), fused / two-pass (end-to-end step, and forward/backward only on full and varied
+hidden overhead), the default step / one with padded passes, and shared or packed forward/backward / padded (on full and varied
 lengths), peak memory (max RSS of the process on CPU — each config runs in its own subprocess —
 or ``torch.cuda.max_memory_allocated`` on GPU). The table is printed and the JSON written to
 ``bench/results/step_time.json`` (``--out``).
@@ -63,7 +63,10 @@ CONFIGS = {
 }
 
 
-#: The parts of one L3M step, in order (``training_step`` with the fused forward, then backward and optimiser).
+#: The forward/backward passes compared: each prompt once (shared), one packed pass, two padded passes.
+FORWARDS = ("shared", "packed", "padded")
+
+#: The parts of one L3M step, in order (``training_step`` with the module's default forward, then backward and optimiser).
 PARTS = ("sampling", "forward", "objective", "backward", "optimizer")
 
 
@@ -172,6 +175,7 @@ def run_one(name: str, args) -> dict:
 
     from l3m_lightning.data import ChatDataModule
     from l3m_lightning.module import L3MModule, dataset_columns
+    from l3m_lightning.logprobs import share_prompts, shared_prompt_token_logprobs
     from l3m_lightning.sampling import pack_rollouts
 
     device = torch.device(args.device)
@@ -211,12 +215,18 @@ def run_one(name: str, args) -> dict:
             loss.backward()
             optimizer_step()
 
-    def set_fused(fused: bool) -> None:
-        module.options.policy = replace(module.options.policy, fused_forward=fused)
+    defaults = module.options.policy
+
+    def set_forward(kind: str) -> None:
+        """``default``: the module's choice (shared prompts when cheaper, else packed); or force ``shared``, ``packed``, ``padded``."""
+        policy = {"default": defaults, "shared": replace(defaults, share_prompts=True),
+                  "packed": replace(defaults, share_prompts=False, fused_forward=True),
+                  "padded": replace(defaults, share_prompts=False, fused_forward=False)}[kind]
+        module.options.policy = policy
 
     def phases():
-        """The parts of ``training_step`` (fused forward), each timed through the module's and the objective's own calls."""
-        set_fused(True)
+        """The parts of ``training_step`` (the module's default forward), each timed through the module's and the objective's own calls."""
+        set_forward("default")
         with timer("sampling"):
             rollouts = module.sample(batch, args.num_samples)
         with timer("forward"):
@@ -229,16 +239,27 @@ def run_one(name: str, args) -> dict:
         with timer("optimizer"):
             optimizer_step()
         for lengths, samples in (("full", rollouts), ("varied", cut_at_random_lengths(rollouts))):
-            for fused in (True, False):
-                forward_backward(samples, fused, f"fwd_bwd_{'fused' if fused else 'two_pass'}_{lengths}")
+            for kind in FORWARDS:
+                forward_backward(samples, kind, f"fwd_bwd_{kind}_{lengths}")
         return sum(len(ids) + int(f) for ids, f in zip(rollouts.completion_ids, rollouts.finished))
 
-    def forward_backward(rollouts, fused: bool, name: str) -> None:
-        """The step's forward (one packed pass, or two padded ones), its objective and backward, without sampling."""
-        set_fused(fused)
+    def forward_backward(rollouts, kind: str, name: str) -> None:
+        """The step's forward (shared prompts, one packed pass, or two padded ones), its objective and backward, without sampling.
+
+        ``shared`` is forced here (the module itself takes it only when it computes fewer positions).
+        """
+        set_forward(kind)
         completions = module.decode(rollouts)
         with timer(name):
-            sft, pg = module.policy_logprobs(batch, rollouts)
+            if kind == "shared":
+                rows = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+                layout = share_prompts(batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                       [(rows, torch.arange(len(rows[0]), device=device)),
+                                        ((rollouts.input_ids, rollouts.attention_mask, rollouts.labels), rollouts.prompt_index)],
+                                       module.tokenizer.pad_token_id)
+                sft, pg = shared_prompt_token_logprobs(module.model, layout).split(len(rows[0]))
+            else:
+                sft, pg = module.policy_logprobs(batch, rollouts)
             sft_loss = module.reduce_sft_loss(sft.sums(), sft.counts())[0]
             step = module.objective.step(batch["prompts"], completions, rollouts, pg, columns=dataset_columns(batch))
             (sft_loss + step.loss).backward()
@@ -254,9 +275,9 @@ def run_one(name: str, args) -> dict:
         return pack_rollouts(batch["prompt_input_ids"], batch["prompt_attention_mask"], new, args.num_samples,
                              module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
 
-    def l3m_step(fused: bool = True):
-        set_fused(fused)
-        with timer("l3m_step" if fused else "l3m_step_two_pass"):
+    def l3m_step(kind: str = "default"):
+        set_forward(kind)
+        with timer("l3m_step" if kind == "default" else f"l3m_step_{kind}"):
             loss = module.training_step(batch, 0)
             loss.backward()
             optimizer_step()
@@ -283,8 +304,9 @@ def run_one(name: str, args) -> dict:
             sampled.clear(), bare_tokens.clear()
         sft_step()
         sampled.append(phases())
-        l3m_step(fused=True)
-        l3m_step(fused=False)
+        l3m_step("default")
+        l3m_step("padded")
+        set_forward("default")
         sampling_with("lean")
         sampling_with("generate")
         bare_tokens.append(bare())
@@ -309,25 +331,28 @@ def run_one(name: str, args) -> dict:
         "lean_over_generate_throughput": med["sampling_generate"] / med["sampling_lean"],
         "l3m_over_sft_step": med["l3m_step"] / med["sft_step"],
         "l3m_over_parts": med["l3m_step"] / parts,
-        "fused_over_two_pass": med["l3m_step"] / med["l3m_step_two_pass"],
-        "fwd_bwd_fused_over_two_pass": {k: med[f"fwd_bwd_fused_{k}"] / med[f"fwd_bwd_two_pass_{k}"] for k in ("full", "varied")},
+        "default_over_padded_step": med["l3m_step"] / med["l3m_step_padded"],
+        "fwd_bwd_over_padded": {f"{kind}_{k}": med[f"fwd_bwd_{kind}_{k}"] / med[f"fwd_bwd_padded_{k}"] for kind in ("shared", "packed")
+                                for k in ("full", "varied")},
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
     }
 
 
 def table(results: list[dict]) -> str:
-    phases = [*PARTS, "sft_step", "l3m_step", "l3m_step_two_pass", "sampling_lean", "sampling_generate", "bare_decode",
-              "fwd_bwd_fused_full", "fwd_bwd_two_pass_full", "fwd_bwd_fused_varied", "fwd_bwd_two_pass_varied"]
+    phases = [*PARTS, "sft_step", "l3m_step", "l3m_step_padded", "sampling_lean", "sampling_generate", "bare_decode",
+              *(f"fwd_bwd_{kind}_{k}" for k in ("full", "varied") for kind in FORWARDS)]
     head = f"{'config':<10}{'params':>8}" + "".join(f"{p:>24}" for p in phases)
     lines = ["per-step time, ms (median)", head]
     for r in results:
         lines.append(f"{r['config']:<10}{r['params_millions']:>7.1f}M" + "".join(f"{r['ms'][p]:>24.1f}" for p in phases))
-    lines += ["", f"{'config':<10}{'sampled tok/s':>15}{'bare tok/s':>12}{'sampling/bare':>15}{'L3M/SFT step':>14}{'L3M/parts':>11}{'fused/2-pass':>14}{'f/2p full':>11}{'f/2p varied':>13}{'peak MB':>10}"]
+    ratios = ("shared_full", "packed_full", "shared_varied", "packed_varied")
+    lines += ["", f"{'config':<10}{'sampled tok/s':>15}{'bare tok/s':>12}{'sampling/bare':>15}{'L3M/SFT step':>14}{'L3M/parts':>11}"
+              f"{'step/padded':>13}" + "".join(f"{'fb ' + k + '/pad':>22}" for k in ratios) + f"{'peak MB':>10}"]
     for r in results:
         lines.append(f"{r['config']:<10}{r['sampled_tokens_per_s']:>15.0f}{r['bare_decode_tokens_per_s']:>12.0f}{r['sampling_fraction_of_bare']:>15.2f}"
-                     f"{r['l3m_over_sft_step']:>14.2f}{r['l3m_over_parts']:>11.2f}{r['fused_over_two_pass']:>14.2f}"
-                     f"{r['fwd_bwd_fused_over_two_pass']['full']:>11.2f}{r['fwd_bwd_fused_over_two_pass']['varied']:>13.2f}{r['peak_memory_mb']:>10.0f}")
+                     f"{r['l3m_over_sft_step']:>14.2f}{r['l3m_over_parts']:>11.2f}{r['default_over_padded_step']:>13.2f}"
+                     + "".join(f"{r['fwd_bwd_over_padded'][k]:>22.2f}" for k in ratios) + f"{r['peak_memory_mb']:>10.0f}")
     lines += ["", f"{'config':<10}{'lean/generate tok/s':>21}{'fit step ms':>13}{'bench step ms':>15}{'fit/bench':>11}"]
     for r in results:
         fit = f"{r['fit_step_ms']:>13.1f}{r['ms']['l3m_step']:>15.1f}{r['fit_over_bench']:>11.3f}" if "fit_step_ms" in r else f"{'-':>13}{r['ms']['l3m_step']:>15.1f}{'-':>11}"

@@ -17,12 +17,17 @@ def test_step_time_bench_runs_one_tiny_step(single_thread):
     step_time = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step_time)
     step_time.CONFIGS["tiny"] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
-    args = argparse.Namespace(batch_size=2, num_samples=2, max_new_tokens=4, steps=1, warmup=0, device="cpu", dtype="float32")
+    args = argparse.Namespace(batch_size=2, num_samples=2, max_new_tokens=4, steps=1, warmup=0, device="cpu", dtype="float32",
+                              decoder="lean", gradient_clip_val=1.0, fit_steps=2)
     row = step_time.run_one("tiny", args)
-    expected = {"sft_step", "sampling", "forward", "objective", "backward", "optimizer", "l3m_step", "l3m_step_two_pass", "bare_decode",
-                "fwd_bwd_fused_full", "fwd_bwd_two_pass_full", "fwd_bwd_fused_varied", "fwd_bwd_two_pass_varied"}
+    forwards = {f"fwd_bwd_{kind}_{k}" for kind in ("shared", "packed", "padded") for k in ("full", "varied")}
+    expected = {"sft_step", "sampling", "forward", "objective", "backward", "optimizer", "l3m_step", "l3m_step_padded", "bare_decode",
+                "sampling_lean", "sampling_generate", *forwards}
     assert expected <= set(row["ms"]) and all(v > 0 for v in row["ms"].values())
     assert row["sampled_tokens"] == 2 * 2 * 4  # every row runs to max_new_tokens while timing
+    row.update(step_time.fit_step_time("tiny", args))  # the same step under cli.py fit, timed by StepTimer
+    assert row["fit_steps_timed"] == 2 and row["fit_step_ms"] > 0
+    row["fit_over_bench"] = row["fit_step_ms"] / row["ms"]["l3m_step"]
     assert "tiny" in step_time.table([row])
 
 
