@@ -303,7 +303,9 @@ def _as_pre_issue_13(checkpoint: dict) -> dict:
     for key, value in checkpoint["hyper_parameters"].items():
         if isinstance(value, dict) and key not in ("constraints", "_instantiator"):
             for field, v in value.items():
-                flat[next(old for old, new in MOVED_KEYS.items() if new == f"{key}.{field}")] = v
+                flat_key = next((old for old, new in MOVED_KEYS.items() if new == f"{key}.{field}"), None)
+                if flat_key is not None:  # None: an option added after the groups, which old checkpoints lack
+                    flat[flat_key] = v
         else:
             flat[key] = value
     checkpoint["hyper_parameters"] = flat
