@@ -18,6 +18,12 @@ draw, and the inverse-CDF draw's frequencies against the probabilities).
 ``lean_decoding_supported`` says whether a model can take this path; ``sampling.sample_rollouts``
 falls back to ``generate`` for the rest (encoder-decoders, forwards without a cache, position ids or
 ``logits_to_keep``) and for lock-step decoding across ranks under FSDP1.
+
+For a plain ``LlamaForCausalLM`` (the embedded model, SmolLM2) the one-token decode steps skip the
+Hugging Face forward: most of a small model's step there is per-op Python and dispatch overhead
+(module calls, RMSNorm as six ops, mask building, output dataclasses). ``LlamaDecodeStep``
+computes the same logits with a few ops per layer, writing into the same cache the Hugging Face
+prefill filled (``llama_decode_supported`` says when; every other model keeps its own forward).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
@@ -102,6 +109,151 @@ def reserved_cache(config) -> DynamicCache:
     return cache
 
 
+def _unwrapped_class(model: torch.nn.Module) -> type:
+    """The model's class, seen through the class FSDP2's ``fully_shard`` swaps in (``FSDPLlamaForCausalLM``)."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return cls
+    return next(base for base in cls.__bases__ if base is not FSDPModule) if issubclass(cls, FSDPModule) else cls
+
+
+def llama_decode_supported(model: PreTrainedModel) -> bool:
+    """Whether ``LlamaDecodeStep`` computes what ``model``'s own forward would.
+
+    Only a plain ``LlamaForCausalLM`` (also under FSDP2 once its parameters are gathered) in eval
+    mode: PEFT adapters, quantized layers, accelerate's offloading hooks and sharded (DTensor)
+    parameters change what the forward does. SiLU, no sliding window, SDPA attention (what the
+    step runs), float32 or bfloat16.
+    """
+    if _unwrapped_class(model).__name__ != "LlamaForCausalLM" or model.training:
+        return False
+    config = model.config
+    if (config.hidden_act != "silu" or getattr(config, "sliding_window", None) is not None
+            or getattr(config, "pretraining_tp", 1) != 1 or config._attn_implementation != "sdpa"):
+        return False
+    if model.dtype not in (torch.float32, torch.bfloat16) or any(type(p.data) is not torch.Tensor for p in model.parameters()):
+        return False
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):  # accelerate offloading moves weights in its hooks
+        return False
+    layers = model.model.layers[: config.num_hidden_layers]
+    linears = [model.lm_head] + [p for layer in layers for p in (*_attention_projections(layer), *_mlp_projections(layer))]
+    return all(type(linear) is torch.nn.Linear for linear in linears)
+
+
+def _attention_projections(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    attn = layer.self_attn
+    return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+
+
+def _mlp_projections(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    return layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
+
+
+class _RMSNorm:
+    """``LlamaRMSNorm``'s values: normalised in float32, cast back, then scaled (one fused op when already float32)."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        self.weight, self.eps = norm.weight, norm.variance_epsilon
+        self.shape = tuple(self.weight.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
+
+
+class _LlamaLayer:
+    """One decoder layer's norms and (weight, bias) pairs, as plain attributes: no ``nn.Module`` lookups per step.
+
+    They are the live parameters, not copies: weights fused into one matmul would have to be copied
+    at every sampling call (training changes them), which costs a step's time on a 49M model and
+    doubles its weights' memory, for no measurable gain per step (matmuls of 16 rows are not
+    dispatch-bound; a 49M model's step is matmul-bound).
+    """
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.input_norm, self.post_norm = _RMSNorm(layer.input_layernorm), _RMSNorm(layer.post_attention_layernorm)
+        self.q, self.k, self.v, self.o = ((p.weight, p.bias) for p in _attention_projections(layer))
+        self.gate, self.up, self.down = ((p.weight, p.bias) for p in _mlp_projections(layer))
+
+
+class LlamaDecodeStep:
+    """A ``LlamaForCausalLM`` decode step (one new token per row) in plain torch, with few ops.
+
+    Same math as the Hugging Face forward, op for op where it matters for the values: RMSNorm in
+    float32, rotary cos/sin from the model's own rotary module (any rope type), ``q*cos +
+    rotate_half(q)*sin``, SDPA with the grouped query heads as transformers arranges them for one
+    query token, SiLU-gated MLP. What it drops is the per-op overhead around them: module calls
+    and hooks, mask building, output dataclasses, RMSNorm as six ops; q and k rotate together, and
+    keys/values go straight into the reserved cache. Build it per sampling call, after
+    ``llama_decode_supported``.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        config, inner = model.config, model.model
+        self.embed_weight = inner.embed_tokens.weight
+        self.rotary = inner.rotary_emb
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        attn = inner.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
+        self.layers = [_LlamaLayer(layer) for layer in inner.layers[: config.num_hidden_layers]]
+        self.norm = _RMSNorm(inner.norm)
+        self.lm_head = model.lm_head.weight, model.lm_head.bias
+
+    def __call__(self, token_ids: torch.Tensor, position_ids: torch.Tensor, attend: torch.Tensor | None,
+                 cache: DynamicCache) -> torch.Tensor:
+        """Logits ``[N, V]`` (model dtype) after ``token_ids`` ``[N]`` at ``position_ids`` ``[N, 1]``.
+
+        ``attend``: boolean ``[N, 1, 1, S]``, which of the ``S`` cached positions (this token's
+        included) each row may see; None when all. Appends this token's keys/values to ``cache``.
+        """
+        x = F.embedding(token_ids, self.embed_weight)
+        cos, sin = self.rotary(x, position_ids)  # [N, 1, D], broadcast over the heads
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == (x with its halves swapped) * (sin with its first half negated): exact
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = x + self._attention(layer, layer.input_norm(x), cos, signed_sin, attend, layer_cache)
+            x = x + self._mlp(layer, layer.post_norm(x))
+        return F.linear(self.norm(x), *self.lm_head)
+
+    def _attention(self, layer: _LlamaLayer, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                   attend: torch.Tensor | None, layer_cache: ReservedLayer) -> torch.Tensor:
+        n, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
+        qk = torch.cat([F.linear(h, *layer.q), F.linear(h, *layer.k)], dim=1).view(n, heads + kv_heads, dim)
+        swapped = qk.view(n, heads + kv_heads, 2, dim // 2).flip(2).view(n, heads + kv_heads, dim)
+        qk = qk * cos + swapped * signed_sin
+        keys, values = layer_cache.update(qk[:, heads:, None, :], F.linear(h, *layer.v).view(n, kv_heads, 1, dim))
+        # as transformers' SDPA path (the two round differently): SDPA groups the heads itself when nothing is
+        # masked, otherwise a group's query heads become query rows of its key/value head
+        if attend is None and heads != kv_heads and dim <= 256:
+            out = F.scaled_dot_product_attention(qk[:, :heads, None, :], keys, values, scale=self.scaling, enable_gqa=True)
+        else:
+            query = qk[:, :heads].view(n, kv_heads, heads // kv_heads, dim)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=attend, scale=self.scaling)
+        return F.linear(out.reshape(n, heads * dim), *layer.o)
+
+    @staticmethod
+    def _mlp(layer: _LlamaLayer, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(h, *layer.gate)) * F.linear(h, *layer.up), *layer.down)
+
+
+def attention_window(prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor | None:
+    """Boolean ``[N, 1, 1, P + max_new_tokens]``: the prompt's padding mask, then room that is always seen.
+
+    None when no prompt token is padding: nothing to mask (transformers passes no mask then either).
+    Slice ``[..., :S]`` for a step with ``S`` cached positions.
+    """
+    if bool(prompt_mask.all()):
+        return None
+    window = prompt_mask.new_ones(prompt_mask.shape[0], 1, 1, prompt_mask.shape[1] + max_new_tokens, dtype=torch.bool)
+    window[:, 0, 0, : prompt_mask.shape[1]] = prompt_mask.bool()
+    return window
+
+
 def inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
     """One token per row of ``probs`` ``[N, V]`` (rows summing to ~1), from one uniform per row.
 
@@ -129,11 +281,13 @@ def lean_sample(
     top_p: float = 1.0,
     min_new_tokens: int = 0,
     exact_draw: bool = False,
+    fast_decode: bool = True,
 ) -> torch.Tensor:
     """``[B*K, T]`` new tokens (samples of one prompt contiguous), pad after a row's stop token, ``T <= max_new_tokens``.
 
     Prompts are left-padded; positions count real tokens only, as in ``generate``. ``exact_draw``:
     ``torch.multinomial`` (generate's draw, bit for bit) instead of the inverse-CDF draw.
+    ``fast_decode``: decode steps with ``LlamaDecodeStep`` where ``llama_decode_supported``.
     """
     k = num_samples
     mask = prompt_attention_mask.long()
@@ -147,6 +301,8 @@ def lean_sample(
     for layer in cache.layers:
         if isinstance(layer, ReservedLayer):
             layer.reserve(max_new_tokens)
+    fast_step = LlamaDecodeStep(model) if fast_decode and llama_decode_supported(model) else None
+    window = attention_window(mask, max_new_tokens) if fast_step is not None else None
     next_position = positions[:, -1:].repeat_interleave(k, dim=0) + 1
     prompt_length = prompt_input_ids.shape[1]
     processors = logits_processors(temperature, top_k, top_p, min_new_tokens, stop_token_ids, prompt_length, logits.device)
@@ -164,7 +320,11 @@ def lean_sample(
         unfinished &= ~torch.isin(token, stops)
         if step == max_new_tokens - 1 or not unfinished.any():
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, **with_cache).logits[:, -1].float()
+        if fast_step is not None:
+            attend = None if window is None else window[..., : prompt_length + step + 1]
+            logits = fast_step(token, next_position, attend, cache).float()
+        else:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, **with_cache).logits[:, -1].float()
         next_position = next_position + 1
     return torch.stack(tokens, dim=1)

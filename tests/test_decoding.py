@@ -6,7 +6,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from l3m_lightning.decoding import ReservedLayer, inverse_cdf_draw, lean_decoding_supported, lean_sample, reserved_cache
+from l3m_lightning.decoding import (
+    LlamaDecodeStep, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
+    reserved_cache,
+)
 from l3m_lightning.embedded.model import build_embedded_model
 from l3m_lightning.options import SamplingArgs
 from l3m_lightning.sampling import sample_rollouts
@@ -175,6 +178,127 @@ def test_a_lora_wrapped_policy_takes_the_lean_loop_and_matches_generate(model, t
     assert torch.equal(lean_sample(wrapped, ids, mask, 2, 8, STOPS, pad, exact_draw=True), expected)
 
 
+def prefilled_caches(model, ids, mask, room, copies=2):
+    """``copies`` caches, each holding the same prefill of the prompts and ``room`` reserved positions."""
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    caches = []
+    for _ in range(copies):
+        cache = reserved_cache(model.config)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        for layer in cache.layers:
+            layer.reserve(room)
+        caches.append(cache)
+    return caches, positions[:, -1:] + 1
+
+
+@pytest.mark.parametrize("lengths", [[3, 9, 6], [5, 5]], ids=["left_padded", "unpadded"])
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True}], ids=["gqa", "gqa_with_biases"])
+def test_the_llama_decode_step_gives_the_forwards_logits_and_cache(tokenizer, lengths, overrides):
+    """Step after step, same logits and same cached keys/values as the Hugging Face forward (GQA: 4 query heads on 2 kv heads).
+
+    Padded and unpadded prompts take SDPA's two grouped-head forms, as transformers does. The
+    contract is the tolerance; on CPU the step runs the very kernels the forward runs, so the
+    logits also agree bitwise, which is what gives the exact draw generate's tokens (the test
+    after this one) and what catches a rounding-level slip such as the wrong grouped-head form.
+    """
+    model = build_embedded_model(tokenizer, {**TINY, **overrides}, seed=0).eval()
+    assert llama_decode_supported(model)
+    ids, mask = left_padded(lengths, tokenizer.pad_token_id)
+    steps = 5
+    (hf_cache, fast_cache), position = prefilled_caches(model, ids, mask, steps)
+    fast = LlamaDecodeStep(model)
+    window = attention_window(mask, steps)
+    assert (window is None) == (min(lengths) == max(lengths))
+    tokens = torch.randint(5, 500, (steps, len(lengths)), generator=torch.Generator().manual_seed(1))
+    for step, token in enumerate(tokens):
+        mask = torch.cat([mask, mask.new_ones(len(lengths), 1)], dim=1)
+        with torch.no_grad():
+            expected = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=hf_cache,
+                             use_cache=True).logits[:, -1]
+            got = fast(token, position, None if window is None else window[..., : mask.shape[1]], fast_cache)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, expected), f"step {step}: close but not bitwise"
+        position = position + 1
+    for hf_layer, fast_layer in zip(hf_cache.layers, fast_cache.layers):
+        torch.testing.assert_close(fast_layer.keys, hf_layer.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast_layer.values, hf_layer.values, rtol=1e-5, atol=1e-5)
+
+
+def counting_fast_steps(monkeypatch) -> list[int]:
+    """Counts ``LlamaDecodeStep`` calls made by ``lean_sample``."""
+    calls = []
+    original = LlamaDecodeStep.__call__
+    monkeypatch.setattr(LlamaDecodeStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    return calls
+
+
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.7, "top_k": 50}], ids=["plain", "temperature_top_k"])
+@pytest.mark.parametrize("lengths", [[3, 9, 6], [7, 7]], ids=["left_padded", "unpadded"])
+def test_the_fast_llama_step_gives_generates_tokens_with_the_exact_draw(model, tokenizer, monkeypatch, settings, lengths):
+    """Token for token, as the logits are generate's bit for bit (the test above); and the fast step really ran."""
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded(lengths, pad)
+    calls = counting_fast_steps(monkeypatch)
+    torch.manual_seed(11)
+    expected = generate_new_tokens(model, ids, mask, 3, 16, STOPS, pad, **settings)
+    torch.manual_seed(11)
+    got = lean_sample(model, ids, mask, 3, 16, STOPS, pad, exact_draw=True, **settings)
+    assert torch.equal(got, expected)
+    assert len(calls) == got.shape[1] - 1  # every step after the prefill's
+
+
+def no_fast_step(monkeypatch) -> None:
+    def refuse(self, model):
+        raise AssertionError("LlamaDecodeStep built for a model it does not support")
+    monkeypatch.setattr(LlamaDecodeStep, "__init__", refuse)
+
+
+def tiny_gpt2():
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=600, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=None, eos_token_id=None)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_models_the_fast_step_cannot_run_take_the_models_forward(model, tokenizer, monkeypatch):
+    """A PEFT-wrapped Llama, unsupported Llamas, another architecture: ``lean_sample`` decodes with their own forward."""
+    import copy
+
+    gelu = build_embedded_model(tokenizer, {**TINY, "hidden_act": "gelu"}, seed=0).eval()
+    half = build_embedded_model(tokenizer, TINY, seed=0).eval().half()
+    training = build_embedded_model(tokenizer, TINY, seed=0).train()
+    eager = build_embedded_model(tokenizer, TINY, seed=0).eval()
+    eager.set_attn_implementation("eager")
+    others = [gelu, half, training, eager, tiny_gpt2()]
+    try:
+        import peft
+    except ImportError:
+        pass
+    else:
+        lora = peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear")
+        others.append(peft.get_peft_model(copy.deepcopy(model), lora).eval())
+    assert llama_decode_supported(model)
+    no_fast_step(monkeypatch)
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([4, 6], pad)
+    for other in others:
+        assert lean_decoding_supported(other) and not llama_decode_supported(other)
+        forwards = []
+        other.register_forward_hook(lambda *args: forwards.append(1))
+        torch.manual_seed(0)
+        got = lean_sample(other, ids, mask, 2, 5, [-1], pad)
+        assert got.shape == (4, 5) and len(forwards) == 5  # the prefill and four decode steps
+    with pytest.raises(AssertionError, match="built for a model"):
+        lean_sample(model, ids, mask, 2, 5, [-1], pad)  # the patch has teeth
+
+
+def test_fast_decode_false_keeps_the_models_forward(model, tokenizer, monkeypatch):
+    no_fast_step(monkeypatch)
+    ids, mask = left_padded([4, 6], tokenizer.pad_token_id)
+    assert lean_sample(model, ids, mask, 2, 5, [-1], tokenizer.pad_token_id, fast_decode=False).shape == (4, 5)
+
+
 def test_reserved_cache_writes_in_place_after_reserve(model):
     cache = reserved_cache(model.config)
     assert all(isinstance(layer, ReservedLayer) for layer in cache.layers)
@@ -194,3 +318,41 @@ def test_sampling_options_check_the_decoder_and_min_new_tokens():
         SamplingArgs(decoder="vllm").validate("model.sampling")
     with pytest.raises(ValueError, match=r"model.sampling.min_new_tokens must be in \[0, max_new_tokens=8\], got 9"):
         SamplingArgs(max_new_tokens=8, min_new_tokens=9).validate("model.sampling")
+
+
+@pytest.fixture()
+def process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_an_fsdp2_llama_takes_the_fast_step_only_while_gathered(model, tokenizer, process_group, monkeypatch):
+    """Sharded (DTensor parameters): the model's forward; gathered for generation: the fast step, with generate's tokens."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from l3m_lightning.sharding import unsharded_for_generation
+
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([3, 9, 6], pad)
+    torch.manual_seed(2)
+    expected = generate_new_tokens(model, ids, mask, 2, 8, STOPS, pad)
+    sharded = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    assert not llama_decode_supported(sharded)
+    with torch.no_grad():
+        sharded(input_ids=ids, attention_mask=mask)  # FSDP2's lazy init, as in training
+    calls = counting_fast_steps(monkeypatch)
+    with unsharded_for_generation(sharded) as gathered:
+        assert gathered and llama_decode_supported(sharded)
+        torch.manual_seed(2)
+        got = lean_sample(sharded, ids, mask, 2, 8, STOPS, pad, exact_draw=True)
+    assert torch.equal(got, expected) and calls
