@@ -12,6 +12,7 @@ For each model config (``embedded``: the embedded default; ``50m``: a ~50M-param
   and samples (``module.policy_logprobs``), the constrained objective (``module.decode`` +
   ``module.objective.step``: constraints, Ĉ, λ, surrogate), the backward pass of the summed loss,
   and the optimiser (AdamW step);
+* each iteration on the next batch of the data (as fit's steps), so lengths vary as they do in fit;
 * the real thing end to end: ``training_step`` + one backward + what Lightning does after it
   (clip the gradient norm at ``--gradient-clip-val``, the module's own optimiser — fused AdamW — and
   its schedule) ("L3M step"), and an SFT step (SFT forward/backward + the same optimiser step);
@@ -195,8 +196,10 @@ def run_one(name: str, args) -> dict:
 
     data = ChatDataModule(batch_size=args.batch_size, embedded_num_prompts=max(200, 4 * args.batch_size), max_val_rows=8)
     data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    # a new batch every iteration, as fit's steps get (prompt and reference lengths vary)
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+               for b, _ in zip(data.train_dataloader(), range(args.warmup + args.steps))]
+    batch = batches[0]
     built = module.build_optimizer(total_steps=1000)  # what configure_optimizers gives fit: AdamW (fused) + warm-up-cosine
     optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
     timer = Timer(device)
@@ -302,6 +305,7 @@ def run_one(name: str, args) -> dict:
         if i == args.warmup:
             timer.times.clear()
             sampled.clear(), bare_tokens.clear()
+        batch = batches[i]
         sft_step()
         sampled.append(phases())
         l3m_step("default")
@@ -321,8 +325,8 @@ def run_one(name: str, args) -> dict:
         "batch_size": args.batch_size,
         "num_samples": args.num_samples,
         "max_new_tokens": args.max_new_tokens,
-        "prompt_tokens": int(batch["prompt_input_ids"].shape[1]),
-        "sft_tokens": int(batch["input_ids"].shape[1]),
+        "prompt_tokens": statistics.median(int(b["prompt_input_ids"].shape[1]) for b in batches),
+        "sft_tokens": statistics.median(int(b["input_ids"].shape[1]) for b in batches),
         "ms": {k: 1000 * v for k, v in med.items()},
         "sampled_tokens": tok_sampled,
         "sampled_tokens_per_s": tok_sampled / med["sampling"],
