@@ -16,7 +16,9 @@ Models that ignore ``position_ids`` would silently attend across sequences, so
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -135,16 +137,23 @@ def padded_token_logprobs(model: torch.nn.Module, batch: Batch, with_hidden: boo
     return _scored(model, targets, rows, len(input_ids), with_hidden, input_ids=input_ids, attention_mask=attention_mask)
 
 
-@torch.no_grad()
-def packing_matches_padding(model: torch.nn.Module, parts: list[Batch], pad_token_id: int, atol: float = 1e-3) -> bool:
-    """True when packed and padded passes agree, i.e. the model restarts attention at each position-0."""
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout draws) for a check's forward passes, then back to the mode it was in."""
     was_training = model.training
     model.eval()
     try:
-        packed = packed_token_logprobs(model, pack(parts, pad_token_id)).sums()
-        padded = torch.cat([padded_token_logprobs(model, part).sums() for part in parts])
+        yield
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def packing_matches_padding(model: torch.nn.Module, parts: list[Batch], pad_token_id: int, atol: float = 1e-3) -> bool:
+    """True when packed and padded passes agree, i.e. the model restarts attention at each position-0."""
+    with evaluating(model):
+        packed = packed_token_logprobs(model, pack(parts, pad_token_id)).sums()
+        padded = torch.cat([padded_token_logprobs(model, part).sums() for part in parts])
     return bool(torch.allclose(packed, padded, atol=atol, rtol=1e-4))
 
 
@@ -183,21 +192,32 @@ def share_prompts(prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.T
     """Lay out ``parts`` (each a right-padded batch and its rows' prompt indices) after their prompts, or ``None``.
 
     ``None`` when a row is not its prompt followed directly by its labelled response (then only the
-    packed or padded passes are exact).
+    packed or padded passes are exact). Vectorised, with one device-to-host copy: it runs every step.
     """
-    prompt_len = prompt_attention_mask.sum(dim=1).tolist()
-    width = prompt_input_ids.shape[1]
-    laid_out = []
+    prompt_len = prompt_attention_mask.sum(dim=1)
+    checks, longest, gathered = [], [], []
     for (input_ids, attention_mask, labels), prompt_of_row in parts:
-        responses = []
-        for row, length, lab, p in zip(input_ids, attention_mask.sum(dim=1).tolist(), labels, prompt_of_row.tolist()):
-            n = prompt_len[p]
-            labelled = (lab[:length] != IGNORE_INDEX).nonzero().flatten().tolist()
-            if not labelled or labelled[0] != n or labelled[-1] - n + 1 != len(labelled) or not torch.equal(row[:n], prompt_input_ids[p, width - n :]):
-                return None
-            responses.append(row[n : n + len(labelled)])
-        ids = torch.nn.utils.rnn.pad_sequence(responses, batch_first=True, padding_value=pad_token_id)
-        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in responses], batch_first=True, padding_value=0)
+        width = input_ids.shape[1]
+        positions = torch.arange(width, device=input_ids.device)
+        n = prompt_len[prompt_of_row].unsqueeze(1)  # [M, 1] each row's prompt length
+        labelled = (labels != IGNORE_INDEX) & attention_mask.bool()
+        count = labelled.sum(dim=1)
+        first = torch.where(labelled, positions, width).amin(dim=1)
+        last = torch.where(labelled, positions, -1).amax(dim=1)
+        # the row's first n tokens are its prompt's n real tokens (the prompt is left-padded)
+        source = (prompt_input_ids.shape[1] - n + positions).clamp(0, prompt_input_ids.shape[1] - 1)
+        same_prompt = (input_ids == prompt_input_ids[prompt_of_row].gather(1, source)) | (positions >= n)
+        checks.append(((count > 0) & (first == n.squeeze(1)) & (last - first + 1 == count) & same_prompt.all(dim=1)).all())
+        longest.append(count.max())
+        gathered.append((input_ids, n, count, prompt_of_row))
+    ok, *widths = torch.stack([torch.stack(checks).all().long(), *longest]).tolist()
+    if not ok:
+        return None
+    laid_out = []
+    for (input_ids, n, count, prompt_of_row), r in zip(gathered, widths):
+        offsets = torch.arange(r, device=input_ids.device)
+        mask = (offsets < count.unsqueeze(1)).long()
+        ids = input_ids.gather(1, (n + offsets).clamp(max=input_ids.shape[1] - 1)).masked_fill(mask == 0, pad_token_id)
         laid_out.append(Responses(ids, mask, prompt_of_row.to(prompt_input_ids.device)))
     return SharedPrompt(prompt_input_ids, prompt_attention_mask, laid_out)
 
@@ -248,14 +268,10 @@ def sharing_matches_padding(model: torch.nn.Module, shared: SharedPrompt, parts:
 
     A model the pass cannot run on at all (its forward takes no cache, or keeps none) fails the check too.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         expected = torch.cat([padded_token_logprobs(model, part).sums() for part in parts])
         try:
             got = shared_prompt_token_logprobs(model, shared).sums()
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
             return False
-    finally:
-        model.train(was_training)
     return bool(torch.allclose(got, expected, atol=atol, rtol=1e-4))

@@ -255,10 +255,10 @@ class L3MModule(L.LightningModule):
             alternative = int(sft[1].sum() + pg[1].sum())
         else:
             alternative = sft[0].numel() + pg[0].numel()
-        use = torch.tensor(float(shared is not None and shared.tokens() < alternative), device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            use = self.trainer.strategy.reduce(use, reduce_op="mean")
-        if use.item() != 1.0:
+        use = shared is not None and shared.tokens() < alternative
+        if self._trainer is not None and self.trainer.world_size > 1:  # one tensor and sync only where ranks must agree
+            use = self.trainer.strategy.reduce(torch.tensor(float(use), device=self.device), reduce_op="mean").item() == 1.0
+        if not use:
             return None
         if self._sharing_ok is None:
             ok = torch.tensor(float(sharing_matches_padding(self.model, shared, [sft, pg])), device=self.device)
