@@ -60,7 +60,6 @@ REWARD_MODELS = {
 }
 TRAINING_RM, JUDGE_RM = "rm_smollm2", "rm_minilm"
 RUNS = ("untrained", "sft", "harmless")
-NAME = "harmlessness"
 
 
 def config(run: str) -> Path:
@@ -87,7 +86,7 @@ def train_reward_models(out: Path) -> dict[str, Any]:
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
-    def train(name: str) -> float:
+    def train(name: str) -> None:
         if not (rm_export(out, name) / "l3m_reward_model.json").is_file():
             shutil.rmtree(out / "rm" / name, ignore_errors=True)
             log = out / f"{name}.log"
@@ -100,7 +99,6 @@ def train_reward_models(out: Path) -> dict[str, Any]:
                 raise SystemExit(f"{name} failed (exit {rc}): see {log}")
             (out / "rm" / name / "fit_seconds").write_text(f"{time.time() - start:.0f}\n")
             print(f"[done]  {name}", flush=True)
-        return time.time()
 
     (out / "rm").mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=len(REWARD_MODELS)) as pool:
