@@ -40,7 +40,6 @@ step 117 and on 67% of the steps after.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -49,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runlib import ROOT, config_value, fit_and_test, frozen_config, output_settings, run_children  # noqa: E402
+from runlib import ROOT, config_value, fit_and_test, frozen_config, output_settings, run_children, save_hh_split  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -82,25 +81,14 @@ def prepare_data(hh_file: Path, out_dir: Path, val_fraction: float = 0.2, split_
     The split is the one ``PreferenceDataModule`` made for the RM (``train_test_split`` of all rows
     in file order, same fraction and seed); rows with an empty final reply are dropped after it.
     """
-    from datasets import Dataset, DatasetDict
-
     from l3m_lightning.reward.data import split_hh_dialogue
 
-    with gzip.open(hh_file, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    held = Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(test_size=val_fraction, seed=split_seed, shuffle=True)
-    splits, dropped = {}, 0
-    for name in ("train", "test"):
-        converted = []
-        for i in held[name]["i"]:
-            prompt, response = split_hh_dialogue(rows[i]["chosen"], f"{hh_file} row {i}: field 'chosen'")
-            if prompt and response:
-                converted.append({"prompt": prompt, "response": response, "row": i})
-            else:
-                dropped += 1
-        splits[name] = Dataset.from_list(converted)
-    DatasetDict(splits).save_to_disk(str(out_dir))
-    return {"source": str(hh_file), "train_rows": len(splits["train"]), "test_rows": len(splits["test"]), "dropped_empty": dropped}
+    def convert(dialogue: str, where: str) -> dict | None:
+        prompt, response = split_hh_dialogue(dialogue, where)
+        return {"prompt": prompt, "response": response} if prompt and response else None
+
+    train, test, dropped = save_hh_split(hh_file, out_dir, convert, val_fraction, split_seed)
+    return {"source": str(hh_file), "train_rows": train, "test_rows": test, "dropped_empty": dropped}
 
 
 def constraint_spec(args: argparse.Namespace) -> dict:

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -175,6 +175,37 @@ def fit_and_test(config: Path, settings: Mapping[str, Any] | None = None, *, sub
     start = time.time()
     metrics = getattr(cli.trainer, evaluate)(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     return FitTest(cli, metrics, fit_seconds=seconds, test_seconds=time.time() - start)
+
+
+# --- Anthropic HH data for the policy ----------------------------------------------------------------
+def save_hh_split(hh_file: Path, out_dir: Path, convert: Callable[[str, str], dict[str, Any] | None],
+                  val_fraction: float = 0.2, split_seed: int = 0) -> tuple[int, int, int]:
+    """HH chosen dialogues, split as the reward models were, each ``convert``ed → a ``DatasetDict`` {train, test} in ``out_dir``.
+
+    The split is the one ``PreferenceDataModule`` makes for an RM (``train_test_split`` of all rows in
+    file order, same fraction and seed), so held-out prompts are ones the RM never trained on.
+    ``convert(chosen dialogue, where)`` returns the row to keep (its file row is added as ``row``) or
+    None to drop it. Returns (train rows, test rows, dropped rows).
+    """
+    import gzip
+
+    from datasets import Dataset, DatasetDict
+
+    with gzip.open(hh_file, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    held = Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(test_size=val_fraction, seed=split_seed, shuffle=True)
+    splits, dropped = {}, 0
+    for name in ("train", "test"):
+        kept = []
+        for i in held[name]["i"]:
+            row = convert(rows[i]["chosen"], f"{hh_file} row {i}: field 'chosen'")
+            if row is None:
+                dropped += 1
+            else:
+                kept.append({**row, "row": i})
+        splits[name] = Dataset.from_list(kept)
+    DatasetDict(splits).save_to_disk(str(out_dir))
+    return len(splits["train"]), len(splits["test"]), dropped
 
 
 # --- child processes -------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ held-out requests side by side.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runlib import ROOT, config_value, fit_and_test, frozen_config, output_settings, run_children  # noqa: E402
+from runlib import ROOT, config_value, fit_and_test, frozen_config, output_settings, run_children, save_hh_split  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -131,24 +130,15 @@ def prepare_data(out_dir: Path, hh_file: Path = HH, val_fraction: float = 0.2, s
     ``PreferenceDataModule`` splits them); dialogues that do not alternate user/assistant or end
     in an empty reply are dropped after the split.
     """
-    from datasets import Dataset, DatasetDict
 
-    with gzip.open(hh_file, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    held = Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(test_size=val_fraction, seed=split_seed, shuffle=True)
-    splits, dropped = {}, 0
-    for name in ("train", "test"):
-        kept = []
-        for i in held[name]["i"]:
-            messages = hh_messages(rows[i]["chosen"])
-            alternating = all(m["role"] == ("user" if t % 2 == 0 else "assistant") for t, m in enumerate(messages))
-            if len(messages) >= 2 and alternating and messages[-1]["role"] == "assistant" and messages[-1]["content"]:
-                kept.append({"messages": messages, "row": i})
-            else:
-                dropped += 1
-        splits[name] = Dataset.from_list(kept)
-    DatasetDict(splits).save_to_disk(str(out_dir))
-    return {"source": str(hh_file), "train_rows": len(splits["train"]), "test_rows": len(splits["test"]), "dropped": dropped}
+    def convert(dialogue: str, where: str) -> dict[str, Any] | None:
+        messages = hh_messages(dialogue)
+        alternating = all(m["role"] == ("user" if t % 2 == 0 else "assistant") for t, m in enumerate(messages))
+        ok = len(messages) >= 2 and alternating and messages[-1]["role"] == "assistant" and messages[-1]["content"]
+        return {"messages": messages} if ok else None
+
+    train, test, dropped = save_hh_split(hh_file, out_dir, convert, val_fraction, split_seed)
+    return {"source": str(hh_file), "train_rows": train, "test_rows": test, "dropped": dropped}
 
 
 # --- one run: fit (or not), perplexity, answers, both RMs' rewards ---------------------------------------
@@ -232,7 +222,7 @@ def interval(r: dict[str, float]) -> str:
     return f"{r['mean']:+.3f} ({r['low']:+.3f} – {r['high']:+.3f})"
 
 
-def markdown(summary: dict[str, Any], out: Path, show: int) -> str:
+def markdown(summary: dict[str, Any], answers: dict[str, list[dict[str, Any]]], show: int) -> str:
     rows, b = summary["rows"], summary["b"]
     sft_ppl = next((r["ppl"] for r in rows if r["run"] == "sft"), None)
     rm_minutes = max(rm["fit_seconds"] or 0 for rm in summary["reward_models"].values()) / 60  # side by side
@@ -261,7 +251,6 @@ def markdown(summary: dict[str, Any], out: Path, show: int) -> str:
                      f"| {r['mean_length']['mean']:.1f} | {r['fit_seconds'] / 60:.1f} |")
     lines += ["", f"## The first {show} held-out requests, answered by each run", "",
               "Rewards in each RM's held-out standard deviations: training RM / judge RM.", ""]
-    answers = {r["run"]: read_answers(out, r["run"]) for r in rows}
     first = next(iter(answers.values()))
     for i in range(min(show, len(first))):
         lines += [f"### Request {i + 1}", "", "> " + first[i]["prompt"].replace("\n", "\n> "), ""]
@@ -315,10 +304,10 @@ def main_cli() -> None:
         run_children(commands, out, {**os.environ, "OMP_NUM_THREADS": "2"}, jobs=1)
     wall = time.time() - start
     rows = [json.loads((out / f"row-{run}.json").read_text()) for run in RUNS if (out / f"row-{run}.json").is_file()]
-    if any(r["run"] == "sft" for r in rows):
-        sft_answers = read_answers(out, "sft")
+    answers = {r["run"]: read_answers(out, r["run"]) for r in rows}
+    if "sft" in answers:
         for r in rows:
-            r["vs_sft"] = paired_difference(read_answers(out, r["run"]), sft_answers) if r["run"] != "sft" else None
+            r["vs_sft"] = paired_difference(answers[r["run"]], answers["sft"]) if r["run"] != "sft" else None
     rms = rms or train_reward_models(out)
     print(f"\nb = {b:.3f}   ({TRAINING_RM}: training RM, {JUDGE_RM}: judge; vs sft: paired difference on the same prompts)")
     print(f"{'run':<10} {'steps':>5} {'ppl':>8} {'train RM (95% CI)':>26} {'>= b':>9} {'vs sft':>26} {'judge RM (95% CI)':>26} {'vs sft':>26}")
@@ -330,7 +319,7 @@ def main_cli() -> None:
     summary = {"command": command, "date": time.strftime("%Y-%m-%d"), "wall_seconds": round(wall, 1), "b": b, "margin": args.margin,
                "train_margin": args.train_margin, "data": data, "reward_models": rms, "rows": rows}
     (out / "smollm2_harmless.json").write_text(json.dumps(summary, indent=2))
-    (out / "smollm2_harmless.md").write_text(markdown(summary, out, args.show))
+    (out / "smollm2_harmless.md").write_text(markdown(summary, answers, args.show))
     print(f"wall time: {wall / 60:.1f} min; wrote {out / 'smollm2_harmless.md'}")
 
 
