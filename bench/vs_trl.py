@@ -61,11 +61,12 @@ rounds pooled):
 * ``L3M/TRL``: throughput ratio, TRL's s/step / this tool's s/step (> 1: faster than TRL);
 * floors, on the same model folder, 16 rows, in their own subprocess: ``bare decode`` is a plain
   KV-cached loop (prefill, then ``max_new_tokens`` single-token forwards for every row, multinomial
-  sampling, no stopping, ``bench/step_time.py``'s ``bare_decode``); ``bare fwd+bwd`` one padded
+  sampling, no stopping, ``bench/step_time.py``'s ``bare_decode``); ``lean decode`` L3M's sampler
+  alone (``decoding.lean_sample``, no stop tokens: the same tokens per row); ``bare fwd+bwd`` one padded
   forward + backward of the mean log-probability of the 16 sampled sequences (prompt + completion);
-  ``optimizer`` one ``torch.optim.AdamW`` step. Their sum is a reference for a step that samples and
-  trains on those sequences once (no SFT pass, no constraint, no framework), not a strict lower
-  bound: it is plain eager PyTorch, and a tool can come in a little under it;
+  ``optimizer`` one ``torch.optim.AdamW`` step. ``floor`` = the faster of the two decodes + fwd+bwd +
+  AdamW: a reference for a step that samples and trains on those sequences once (no SFT pass, no
+  constraint, no framework), not a strict lower bound (a tool can come in a little under it);
 * ``per-run s/step``: each run's own median, in run order: a run slowed by other load on the machine stands out.
 
 Parity settings (everything else is each tool's own default; the JSON lists them under
@@ -304,6 +305,7 @@ def floors_child(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     bare_decode = load_step_time().bare_decode
+    from l3m_lightning.decoding import lean_sample
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()][: spec["batch_size"]]
@@ -311,10 +313,13 @@ def floors_child(spec: dict[str, Any]) -> dict[str, Any]:
                                                      tokenize=True, return_dict=True)["input_ids"])  # equal lengths: no padding
     mask = torch.ones_like(ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
-    times: dict[str, list[float]] = {"bare_decode": [], "fwd_bwd": [], "optimizer": []}
+    times: dict[str, list[float]] = {"bare_decode": [], "lean_decode": [], "fwd_bwd": [], "optimizer": []}
     for i in range(spec["steps"]):
-        t0 = time.perf_counter()
         model.eval()
+        t = time.perf_counter()
+        lean_sample(model, ids, mask, spec["num_samples"], spec["max_new_tokens"], [], tokenizer.pad_token_id)
+        lean = time.perf_counter() - t
+        t0 = time.perf_counter()
         completions = bare_decode(model, ids, mask, spec["num_samples"], spec["max_new_tokens"])
         t1 = time.perf_counter()
         model.train()
@@ -327,7 +332,7 @@ def floors_child(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         if i >= spec["untimed"]:
-            for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            for name, dt in zip(times, (t1 - t0, lean, t2 - t1, t3 - t2)):
                 times[name].append(dt)
     return {"s": {name: statistics.median(v) for name, v in times.items()}, "times": times, "torch_threads": torch.get_num_threads()}
 
@@ -367,7 +372,8 @@ def bench_row(config: str, max_new_tokens: int, args: argparse.Namespace, workdi
            "prompt_tokens": prompt_tokens, "completions_per_step": args.batch_size * args.num_samples,
            "generated_tokens_per_step": args.batch_size * args.num_samples * max_new_tokens, "tools": tools, "floors": floors}
     if floors:
-        row["floors"]["bare_step_s"] = sum(floors["s"].values())
+        f = floors["s"]
+        row["floors"]["bare_step_s"] = min(f["bare_decode"], f["lean_decode"]) + f["fwd_bwd"] + f["optimizer"]
     return row
 
 
@@ -407,10 +413,11 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         if r["floors"]:
             f, n = r["floors"]["s"], r["generated_tokens_per_step"]
             lines.append(f"{pad}{'bare decode':<16}{f['bare_decode']:>8.3f}{'':>10}{'':>9}{n / f['bare_decode']:>8.0f}")
+            lines.append(f"{pad}{'lean decode':<16}{f['lean_decode']:>8.3f}{'':>10}{'':>9}{n / f['lean_decode']:>8.0f}")
             lines.append(f"{pad}{'bare fwd+bwd':<16}{f['fwd_bwd']:>8.3f}")
             lines.append(f"{pad}{'AdamW step':<16}{f['optimizer']:>8.3f}")
             floor = r["floors"]["bare_step_s"]
-            lines.append(f"{pad}{'floor (sum)':<16}{floor:>8.3f}{'':>10}{r['completions_per_step'] / floor:>9.1f}{n / floor:>8.0f}")
+            lines.append(f"{pad}{'floor':<16}{floor:>8.3f}{'':>10}{r['completions_per_step'] / floor:>9.1f}{n / floor:>8.0f}")
     return "\n".join(lines)
 
 

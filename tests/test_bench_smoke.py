@@ -55,6 +55,8 @@ def test_vs_trl_bench_runs_both_tools_on_a_tiny_model(tmp_path):
     trl_run = row["tools"]["trl"]["runs"][0]
     assert trl_run["prompt_ids_match"] and trl_run["generation_config"]["min_new_tokens"] == 4
     assert trl_run["model_dtype"] == "torch.float32"
-    assert set(row["floors"]["s"]) == {"bare_decode", "fwd_bwd", "optimizer"}
+    floors = row["floors"]["s"]
+    assert set(floors) == {"bare_decode", "lean_decode", "fwd_bwd", "optimizer"}
+    assert row["floors"]["bare_step_s"] == min(floors["bare_decode"], floors["lean_decode"]) + floors["fwd_bwd"] + floors["optimizer"]
     saved = json.loads(out.read_text())
     assert saved["meta"]["versions"]["trl"] and saved["parity"] and "TRL GRPO" in saved["table"]

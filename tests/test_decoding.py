@@ -6,9 +6,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+import l3m_lightning.decoding as decoding
 from l3m_lightning.decoding import (
     LlamaDecodeStep, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
-    reserved_cache,
+    onednn_available, onednn_linear, reserved_cache,
 )
 from l3m_lightning.embedded.model import build_embedded_model
 from l3m_lightning.options import SamplingArgs
@@ -225,6 +226,84 @@ def test_the_llama_decode_step_gives_the_forwards_logits_and_cache(tokenizer, le
         torch.testing.assert_close(fast_layer.values, hf_layer.values, rtol=1e-5, atol=1e-5)
 
 
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN (mkldnn) matmul")
+
+
+def step_matmuls(step: LlamaDecodeStep) -> list:
+    return [step.lm_head.matmul] + [getattr(layer, name).matmul for layer in step.layers for name in "q k v o gate up down".split()]
+
+
+@needs_onednn
+def test_the_decode_step_takes_onednn_for_large_float32_weights_and_f_linear_otherwise(tokenizer):
+    """MLP weights of 256x512 (2^17 elements) take oneDNN, the 256x256 attention weights F.linear; exact: F.linear for all."""
+    model = build_embedded_model(tokenizer, {**TINY, "hidden_size": 256, "intermediate_size": 512}, seed=0).eval()
+    step = LlamaDecodeStep(model)
+    for layer in step.layers:
+        assert [getattr(layer, n).matmul for n in "q k v o".split()] == [torch.nn.functional.linear] * 4
+        assert [getattr(layer, n).matmul for n in "gate up down".split()] == [onednn_linear] * 3
+    assert set(step_matmuls(LlamaDecodeStep(model, exact=True))) == {torch.nn.functional.linear}
+    assert set(step_matmuls(LlamaDecodeStep(model.bfloat16()))) == {torch.nn.functional.linear}  # float32 only
+
+
+@needs_onednn
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True}], ids=["gqa", "gqa_with_biases"])
+def test_the_onednn_decode_step_gives_the_forwards_logits_up_to_float32_rounding(tokenizer, monkeypatch, overrides):
+    """Every matmul on oneDNN (threshold 0): the logits and cache of the Hugging Face forward within float32 rounding."""
+    monkeypatch.setattr(decoding, "ONEDNN_MIN_WEIGHT_ELEMENTS", 0)
+    model = build_embedded_model(tokenizer, {**TINY, **overrides}, seed=0).eval()
+    ids, mask = left_padded([3, 9, 6], tokenizer.pad_token_id)
+    steps = 5
+    (hf_cache, fast_cache), position = prefilled_caches(model, ids, mask, steps)
+    fast = LlamaDecodeStep(model)
+    assert set(step_matmuls(fast)) == {onednn_linear}
+    window = attention_window(mask, steps)
+    tokens = torch.randint(5, 500, (steps, 3), generator=torch.Generator().manual_seed(1))
+    for token in tokens:
+        mask = torch.cat([mask, mask.new_ones(3, 1)], dim=1)
+        with torch.no_grad():
+            expected = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=hf_cache,
+                             use_cache=True).logits[:, -1]
+            got = fast(token, position, window[..., : mask.shape[1]], fast_cache)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        position = position + 1
+    for hf_layer, fast_layer in zip(hf_cache.layers, fast_cache.layers):
+        torch.testing.assert_close(fast_layer.keys, hf_layer.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast_layer.values, hf_layer.values, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_the_onednn_decode_step_samples_the_models_second_token_law(tokenizer, monkeypatch):
+    """Two tokens per row through the fast step on oneDNN: the second token's frequencies are the model's marginal.
+
+    Bitwise equality with generate cannot hold once the matmuls round differently, so the law is
+    checked: P(t2) = sum over t1 of P(t1) P(t2 | t1), from the Hugging Face forward, against 20,000
+    draws. The output layer is scaled up so the law is peaked (a random-init model's is near uniform,
+    and no error would show): sampling at temperature 1.05 instead fails this test (p = 5e-14).
+    """
+    monkeypatch.setattr(decoding, "ONEDNN_MIN_WEIGHT_ELEMENTS", 0)
+    model = build_embedded_model(tokenizer, TINY, seed=0).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    calls = counting_fast_steps(monkeypatch)
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([5], pad)
+    with torch.no_grad():
+        first = torch.softmax(model(input_ids=ids).logits[0, -1].double(), dim=-1)
+        vocab = first.shape[0]
+        extended = torch.cat([ids.expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)
+        second = torch.softmax(model(input_ids=extended).logits[:, -1].double(), dim=-1)
+    marginal = first @ second
+    torch.manual_seed(0)
+    drawn = lean_sample(model, ids, mask, 20_000, 2, [-1], pad)[:, 1]
+    assert len(calls) == 1  # the second token came from the fast step
+    counts = torch.bincount(drawn, minlength=vocab).double()
+    common = marginal * len(drawn) >= 5  # chi-square's rule of thumb; the rare tokens pooled into one cell
+    assert 5 <= int(common.sum()) < vocab
+    observed = torch.cat([counts[common], counts[~common].sum()[None]])
+    expected = torch.cat([marginal[common], marginal[~common].sum()[None]]) * len(drawn)
+    assert chisquare(observed.numpy(), expected.numpy() * observed.sum().item() / expected.sum().item()).pvalue > 1e-3
+
+
 def counting_fast_steps(monkeypatch) -> list[int]:
     """Counts ``LlamaDecodeStep`` calls made by ``lean_sample``."""
     calls = []
@@ -249,7 +328,7 @@ def test_the_fast_llama_step_gives_generates_tokens_with_the_exact_draw(model, t
 
 
 def no_fast_step(monkeypatch) -> None:
-    def refuse(self, model):
+    def refuse(self, model, exact=False):
         raise AssertionError("LlamaDecodeStep built for a model it does not support")
     monkeypatch.setattr(LlamaDecodeStep, "__init__", refuse)
 
