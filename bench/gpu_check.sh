@@ -9,12 +9,16 @@
 #               steps continue the step count and the μ schedule (μ = 0.8^floor((step − WARMUP)/4), which a
 #               reset would restart at 1), and that μ is logged from step WARMUP on only.
 #   fsdp2       ModelParallelStrategy + fully_shard (FSDP2) with sharded generation (micro-batched).
+#   sampler     bench/step_time.py on one GPU, the same model (config 122m), BATCH prompts x K, MAX_NEW_TOKENS
+#               pinned, bf16 weights: the lean sampler's sampled tokens/s against transformers' generate and a
+#               bare decode loop, and against issue 16's target (5x the 815 tokens/s the throughput phase sampled
+#               on 2026-11-27 with FSDP1, which decodes with generate in lock step).
 # Each phase's verdict is printed as `PHASE <name>: PASS|FAIL` at the end.
 #
 #   bash bench/gpu_check.sh                       # all visible GPUs, all phases
 #   DEVICES=1 PHASES=throughput bash bench/gpu_check.sh
 #   overrides: DEVICES STEPS BATCH NUM_SAMPLES MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR PRECISION MODEL_CONFIG PHASES
-#              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP
+#              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP SAMPLER_CONFIG
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
 # Measured on one H200 (2026-11-27): all phases PASS; numbers in docs/results.md ("GPU check").
 set -uo pipefail
@@ -31,7 +35,8 @@ BATCH=${BATCH:-16}
 NUM_SAMPLES=${NUM_SAMPLES:-4}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
 PRECISION=${PRECISION:-bf16-mixed}
-PHASES=${PHASES:-"throughput resume fsdp2"}
+PHASES=${PHASES:-"throughput resume fsdp2 sampler"}
+SAMPLER_CONFIG=${SAMPLER_CONFIG:-122m}   # a CPU dry run: SAMPLER_CONFIG=embedded ACCELERATOR=cpu
 FIT_TIMEOUT=${FIT_TIMEOUT:-300}
 WARMUP=${WARMUP:-2}
 MODEL_CONFIG=${MODEL_CONFIG:-"{hidden_size: 768, intermediate_size: 3328, num_hidden_layers: 12, num_attention_heads: 12, num_key_value_heads: 12}"}
@@ -115,6 +120,23 @@ if [[ " $PHASES " == *" fsdp2 "* ]]; then
     --model.export_dir "$OUT/fsdp2/hf_model" \
   && export_loads "$OUT/fsdp2/hf_model"
   [[ $? == 0 ]] && VERDICT[fsdp2]=PASS || VERDICT[fsdp2]=FAIL
+fi
+
+if [[ " $PHASES " == *" sampler "* ]]; then
+  echo "=== phase sampler ==="
+  SAMPLER_DEVICE=$([[ $ACCELERATOR == cpu ]] && echo cpu || echo cuda)
+  timeout -k 20 "$FIT_TIMEOUT" python bench/step_time.py --configs "$SAMPLER_CONFIG" --device "$SAMPLER_DEVICE" --dtype bfloat16 \
+    --batch-size "$BATCH" --num-samples "$NUM_SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" --steps 5 --warmup 2 --fit-steps 0 \
+    --out "$OUT/step_time.json" \
+  && python - "$OUT" <<'PY'
+import json, sys
+(r,) = json.load(open(f"{sys.argv[1]}/step_time.json"))["results"]
+tokens, ms = r["sampled_tokens"], r["ms"]
+lean, generate = tokens / ms["sampling_lean"] * 1000, tokens / ms["sampling_generate"] * 1000
+print(f"sampled tokens/s: lean {lean:.0f}, generate {generate:.0f} (lean/generate {lean / generate:.2f}x), "
+      f"bare decode loop {r['bare_decode_tokens_per_s']:.0f}; issue 16's target: >= 5 x 815 = 4075 (lean: {lean / 815:.1f}x)")
+PY
+  [[ $? == 0 ]] && VERDICT[sampler]=PASS || VERDICT[sampler]=FAIL
 fi
 
 status=0

@@ -62,6 +62,8 @@ if str(ROOT) not in sys.path:
 CONFIGS = {
     "embedded": {},  # the embedded default: hidden 128, 4 layers
     "50m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 9, "num_key_value_heads": 9},
+    # bench/gpu_check.sh's model (~122M parameters): its sampler phase times this one on the GPU
+    "122m": {"hidden_size": 768, "intermediate_size": 3328, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12},
 }
 
 

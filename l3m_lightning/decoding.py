@@ -29,9 +29,9 @@ On CPU its large float32 matmuls run on oneDNN rather than ``F.linear``'s BLAS: 
 multiplies a few rows by every weight matrix, and for that shape, with weights streamed from memory,
 oneDNN is about 2x faster here (2 AMD EPYC cores: a 49M model's 84 decode matmuls 13.4 -> 7.4 ms,
 SmolLM2's 49k-row output layer 13.3 -> 4.9 ms for 8 rows); for weights that sit in cache
-(the embedded model's) its per-call overhead loses, so they keep ``F.linear``. The two kernels
+(all of the embedded model's) its per-call overhead loses, so they keep ``F.linear``. The two kernels
 round differently (~1e-6 relative), so the logits are the forward's up to float32 rounding, not
-bit for bit; ``exact=True`` keeps ``F.linear`` everywhere, which the exact draw uses.
+bit for bit; ``onednn=False`` keeps ``F.linear`` everywhere, as the exact draw does.
 """
 
 from __future__ import annotations
@@ -173,9 +173,11 @@ class _RMSNorm:
         return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
 
 
-#: Weights with at least this many elements take oneDNN's matmul in the decode step (see the module docstring):
-#: below ~0.5 MB of float32 the weight stays in cache and ``F.linear`` is faster (128x128: 7.6 vs 14.0 us).
-ONEDNN_MIN_WEIGHT_ELEMENTS = 1 << 17
+#: Weights with at least this many elements take oneDNN's matmul in the decode step (see the module docstring).
+#: Measured crossover: the embedded model's 2048x128 output layer (262,144) decodes ~3% faster on ``F.linear``,
+#: a 576x576 projection (331,776) 1.8x faster on oneDNN; small weights stay in cache, where oneDNN's per-call
+#: overhead loses (128x128: 7.6 vs 14.0 us).
+ONEDNN_MIN_WEIGHT_ELEMENTS = 300_000
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -192,11 +194,11 @@ class _Linear:
 
     __slots__ = ("weight", "bias", "matmul")
 
-    def __init__(self, linear: torch.nn.Linear, exact: bool) -> None:
+    def __init__(self, linear: torch.nn.Linear, onednn: bool) -> None:
         self.weight, self.bias = linear.weight, linear.bias
         large_cpu_float32 = (self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
                              and self.weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS)
-        self.matmul: Callable = onednn_linear if not exact and large_cpu_float32 and onednn_available() else F.linear
+        self.matmul: Callable = onednn_linear if onednn and large_cpu_float32 and onednn_available() else F.linear
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.weight, self.bias)
@@ -211,10 +213,10 @@ class _LlamaLayer:
     dispatch-bound; a 49M model's step is matmul-bound).
     """
 
-    def __init__(self, layer: torch.nn.Module, exact: bool) -> None:
+    def __init__(self, layer: torch.nn.Module, onednn: bool) -> None:
         self.input_norm, self.post_norm = _RMSNorm(layer.input_layernorm), _RMSNorm(layer.post_attention_layernorm)
-        self.q, self.k, self.v, self.o = (_Linear(p, exact) for p in _attention_projections(layer))
-        self.gate, self.up, self.down = (_Linear(p, exact) for p in _mlp_projections(layer))
+        self.q, self.k, self.v, self.o = (_Linear(p, onednn) for p in _attention_projections(layer))
+        self.gate, self.up, self.down = (_Linear(p, onednn) for p in _mlp_projections(layer))
 
 
 class LlamaDecodeStep:
@@ -226,11 +228,11 @@ class LlamaDecodeStep:
     query token, SiLU-gated MLP. What it drops is the per-op overhead around them: module calls
     and hooks, mask building, output dataclasses, RMSNorm as six ops; q and k rotate together, and
     keys/values go straight into the reserved cache. Build it per sampling call, after
-    ``llama_decode_supported``. ``exact``: ``F.linear`` for every matmul, so that on CPU the logits
-    are the forward's bit for bit (otherwise large float32 weights take oneDNN's matmul).
+    ``llama_decode_supported``. ``onednn``: large float32 CPU weights take oneDNN's matmul; False:
+    ``F.linear`` for every matmul, so that on CPU the logits are the forward's bit for bit.
     """
 
-    def __init__(self, model: PreTrainedModel, exact: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, onednn: bool = True) -> None:
         config, inner = model.config, model.model
         self.embed_weight = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
@@ -238,9 +240,9 @@ class LlamaDecodeStep:
         attn = inner.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
-        self.layers = [_LlamaLayer(layer, exact) for layer in inner.layers[: config.num_hidden_layers]]
+        self.layers = [_LlamaLayer(layer, onednn) for layer in inner.layers[: config.num_hidden_layers]]
         self.norm = _RMSNorm(inner.norm)
-        self.lm_head = _Linear(model.lm_head, exact)
+        self.lm_head = _Linear(model.lm_head, onednn)
 
     def __call__(self, token_ids: torch.Tensor, position_ids: torch.Tensor, attend: torch.Tensor | None,
                  cache: DynamicCache) -> torch.Tensor:
@@ -293,17 +295,45 @@ def attention_window(prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Te
     return window
 
 
-def inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
+#: Vocabularies up to this size draw from one float64 CDF; larger ones in two levels (``inverse_cdf_draw``).
+FLAT_CDF_MAX_VOCAB = 4096
+CDF_BLOCK = 128
+
+
+def inverse_cdf_draw(probs: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """One token per row of ``probs`` ``[N, V]`` (rows summing to ~1), from one uniform per row.
 
-    The CDF is summed in float64, so rounding cannot move mass between tokens; a token of
-    probability 0 is never drawn (also when the uniform lands on the very end of the CDF).
+    Sums are taken in float64, so rounding cannot move mass between tokens, and the uniform stays
+    strictly below the total, so a token of probability 0 is never drawn. A large vocabulary draws
+    in two levels: a block of ``block`` tokens by the CDF of the block sums, then a token by the CDF
+    within that block only. One float64 cumsum over 49,152 entries took 2-4 ms for 8-16 rows on 2
+    CPU cores, longer than a 135M model's output layer; the two levels take 0.1-0.2 ms. ``block``:
+    None picks one CDF up to ``FLAT_CDF_MAX_VOCAB`` entries, else blocks of ``CDF_BLOCK``. For the same
+    seed both give the same token but where float64 rounding differs (all 2,000 draws alike on a 49k vocabulary).
     """
-    cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u, right=True).squeeze(1)
-    last_possible = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-    return torch.minimum(token, last_possible)
+    n, vocab = probs.shape
+    if block is None:
+        if vocab <= FLAT_CDF_MAX_VOCAB:
+            cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+            return torch.searchsorted(cdf, _uniform_below(cdf[:, -1:]), right=True).squeeze(1)
+        block = CDF_BLOCK
+    pad = -vocab % block
+    blocks = (F.pad(probs, (0, pad)) if pad else probs).view(n, -1, block)
+    ends = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)
+    u = _uniform_below(ends[:, -1:])
+    chosen = torch.searchsorted(ends, u, right=True)  # a block of positive mass: ends[chosen - 1] <= u < ends[chosen]
+    start = torch.where(chosen > 0, ends.gather(1, (chosen - 1).clamp(min=0)), 0.0)
+    inside = blocks.gather(1, chosen[:, :, None].expand(-1, -1, block)).squeeze(1)
+    token = torch.searchsorted(torch.cumsum(inside, dim=-1, dtype=torch.float64) + start, u, right=True)
+    # summed in another order, the block's own CDF can end a rounding below u: then its last token of positive mass
+    last_possible = block - 1 - (inside > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    return (chosen * block + torch.minimum(token, last_possible)).squeeze(1)
+
+
+def _uniform_below(total: torch.Tensor) -> torch.Tensor:
+    """``[N, 1]`` float64 uniforms on [0, total), strictly below ``total`` even where the product rounds up to it."""
+    u = torch.rand(total.shape, dtype=torch.float64, device=total.device) * total
+    return torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
 
 
 @torch.no_grad()
@@ -321,12 +351,14 @@ def lean_sample(
     min_new_tokens: int = 0,
     exact_draw: bool = False,
     fast_decode: bool = True,
+    onednn: bool = True,
 ) -> torch.Tensor:
     """``[B*K, T]`` new tokens (samples of one prompt contiguous), pad after a row's stop token, ``T <= max_new_tokens``.
 
     Prompts are left-padded; positions count real tokens only, as in ``generate``. ``exact_draw``:
     ``torch.multinomial`` (generate's draw, bit for bit) instead of the inverse-CDF draw, and the
     fast step's matmuls are ``F.linear``'s, so that its logits are the forward's bit for bit.
+    ``onednn``: the fast step's large float32 CPU matmuls on oneDNN (ignored with ``exact_draw``).
     ``fast_decode``: decode steps with ``LlamaDecodeStep`` where ``llama_decode_supported``.
     """
     k = num_samples
@@ -341,7 +373,7 @@ def lean_sample(
     for layer in cache.layers:
         if isinstance(layer, ReservedLayer):
             layer.reserve(max_new_tokens)
-    fast_step = LlamaDecodeStep(model, exact=exact_draw) if fast_decode and llama_decode_supported(model) else None
+    fast_step = LlamaDecodeStep(model, onednn=onednn and not exact_draw) if fast_decode and llama_decode_supported(model) else None
     window = attention_window(mask, max_new_tokens) if fast_step is not None else None
     next_position = positions[:, -1:].repeat_interleave(k, dim=0) + 1
     prompt_length = prompt_input_ids.shape[1]

@@ -213,6 +213,7 @@ class L3MModule(L.LightningModule):
                 max_rows_per_call=s.generation_batch_size,
                 min_new_tokens=s.min_new_tokens,
                 decoder=s.decoder,
+                onednn=s.onednn,
             )
 
     def decode(self, rollouts: Rollouts) -> list[str]:

@@ -124,6 +124,10 @@ class SamplingArgs(_Group):
             keys/values written in place, one uniform draw per token: ``l3m_lightning.decoding``) or
             ``generate`` (transformers' ``generate``). Both sample the same distribution; models
             ``lean`` cannot run, and lock-step decoding across ranks under FSDP1, use ``generate``.
+        onednn: with ``lean`` on CPU, a decode step's large float32 matmuls run on oneDNN, about 2x
+            faster than ``F.linear`` for its few rows (``l3m_lightning.decoding``); it rounds
+            differently, so the same seed gives other tokens. ``false``: ``F.linear``, as before
+            2026-11-29 (commit ce5b6d2); frozen configs of results recorded before then pin it.
     """
 
     KEY: ClassVar[str] = "model.sampling"
@@ -135,6 +139,7 @@ class SamplingArgs(_Group):
     top_p: float = 1.0
     min_new_tokens: int = 0
     decoder: str = "lean"
+    onednn: bool = True
 
     def validate(self, where: str) -> None:
         self._need(_integer(self.num_samples) and self.num_samples >= 1, f"{where}.num_samples must be >= 1, got {self.num_samples!r}")
@@ -147,6 +152,7 @@ class SamplingArgs(_Group):
         self._need(_integer(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
                    f"{where}.min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens!r}")
         self._need(self.decoder in DECODERS, f"{where}.decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        self._need(isinstance(self.onednn, bool), f"{where}.onednn must be true or false, got {self.onednn!r}")
 
 
 #: ``model.sampling.decoder`` choices (``sampling.sample_rollouts``).

@@ -11,6 +11,7 @@ from l3m_lightning.decoding import (
     LlamaDecodeStep, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
     onednn_available, onednn_linear, reserved_cache,
 )
+from l3m_lightning.decoding import FLAT_CDF_MAX_VOCAB
 from l3m_lightning.embedded.model import build_embedded_model
 from l3m_lightning.options import SamplingArgs
 from l3m_lightning.sampling import sample_rollouts
@@ -86,10 +87,16 @@ def test_min_new_tokens_holds_back_the_stop_tokens(model, tokenizer):
     assert torch.isin(free[:, :5], torch.tensor(many_stops)).any(), "without it, some row stops within 5 tokens (the check has teeth)"
 
 
-def test_inverse_cdf_draw_matches_the_probabilities():
+# None: one CDF (a small vocabulary); 2 and 4: two levels, blocks of 2 or 4 tokens (4 pads the 6-token vocabulary to 8)
+DRAW_BLOCKS = pytest.mark.parametrize("block", [None, 2, 4], ids=["flat", "blocks_of_2", "blocks_of_4_padded"])
+
+
+@DRAW_BLOCKS
+def test_inverse_cdf_draw_matches_the_probabilities(block):
     probs = torch.tensor([0.05, 0.0, 0.4, 0.25, 0.0, 0.3])
     torch.manual_seed(0)
-    draws = inverse_cdf_draw(probs.expand(40_000, -1))
+    draws = inverse_cdf_draw(probs.expand(40_000, -1), block)
+    assert draws.max() < len(probs)
     counts = torch.bincount(draws, minlength=len(probs)).double()
     assert counts[1] == 0 and counts[4] == 0  # probability 0: never drawn
     keep = probs > 0
@@ -97,11 +104,39 @@ def test_inverse_cdf_draw_matches_the_probabilities():
     assert chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-3
 
 
-def test_inverse_cdf_draw_never_returns_a_zero_probability_tail(monkeypatch):
+@DRAW_BLOCKS
+def test_inverse_cdf_draw_never_returns_a_zero_probability_tail(monkeypatch, block):
     """A uniform that rounds onto the CDF's end picks the last possible token, not a masked one after it."""
-    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0, 0.0]])
     monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
-    assert inverse_cdf_draw(probs).tolist() == [1]
+    assert inverse_cdf_draw(probs, block).tolist() == [1]
+
+
+def test_two_level_draw_keeps_to_the_blocks_mass_when_its_own_cdf_rounds_short(monkeypatch):
+    """The block's CDF, summed in another order than its block sum, can end below the uniform: its last token of mass then.
+
+    1 followed by 127 tokens of 2^-53: the vectorised block sum keeps them (1 + 127 * 2^-53), the
+    running CDF rounds each one away (1.0), so a uniform just below the block's end lies past its CDF.
+    """
+    import l3m_lightning.decoding as decoding
+
+    probs = torch.zeros(1, 256)
+    probs[0, 0], probs[0, 1:128] = 1.0, 2.0**-53
+    block_end = probs[:, :128].sum(dtype=torch.float64)
+    assert block_end > torch.cumsum(probs[0, :128], dim=0, dtype=torch.float64)[-1]  # the rounding this test needs
+    monkeypatch.setattr(decoding, "_uniform_below", lambda total: torch.nextafter(total, torch.zeros_like(total)))
+    assert inverse_cdf_draw(probs, 128).tolist() == [127]  # not 128: the next block's first token, of probability 0
+
+
+def test_a_large_vocabulary_draws_in_two_levels_with_the_same_law():
+    vocab = FLAT_CDF_MAX_VOCAB + 3
+    probs = torch.zeros(vocab)
+    probs[[0, 127, 128, vocab - 1]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    torch.manual_seed(0)
+    draws = inverse_cdf_draw(probs.expand(20_000, -1))
+    counts = torch.stack([(draws == t).sum() for t in (0, 127, 128, vocab - 1)]).double()
+    assert counts.sum() == len(draws)
+    assert chisquare(counts.numpy(), (torch.tensor([0.1, 0.2, 0.3, 0.4]) * len(draws)).numpy()).pvalue > 1e-3
 
 
 def test_lean_first_tokens_follow_the_models_distribution(model, tokenizer):
@@ -134,6 +169,16 @@ def test_sample_rollouts_lean_and_generate_agree_with_the_exact_draw(model, toke
     lean = sample_rollouts(model, ids, mask, decoder="lean", **kwargs)
     assert lean.completion_ids == reference.completion_ids
     assert torch.equal(lean.input_ids, reference.input_ids) and torch.equal(lean.finished, reference.finished)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_sample_rollouts_passes_the_onednn_choice_to_the_decode_step(model, tokenizer, monkeypatch, onednn):
+    built = []
+    original = LlamaDecodeStep.__init__
+    monkeypatch.setattr(LlamaDecodeStep, "__init__", lambda self, m, onednn=True: built.append(onednn) or original(self, m, onednn))
+    ids, mask = left_padded([3, 5], tokenizer.pad_token_id)
+    sample_rollouts(model, ids, mask, 2, 4, STOPS, tokenizer.pad_token_id, decoder="lean", onednn=onednn)
+    assert built == [onednn]
 
 
 class NoLogitsToKeep(torch.nn.Module):
@@ -235,13 +280,13 @@ def step_matmuls(step: LlamaDecodeStep) -> list:
 
 @needs_onednn
 def test_the_decode_step_takes_onednn_for_large_float32_weights_and_f_linear_otherwise(tokenizer):
-    """MLP weights of 256x512 (2^17 elements) take oneDNN, the 256x256 attention weights F.linear; exact: F.linear for all."""
-    model = build_embedded_model(tokenizer, {**TINY, "hidden_size": 256, "intermediate_size": 512}, seed=0).eval()
+    """MLP weights of 256x1280 (327,680 elements) take oneDNN, the 256x256 attention weights F.linear; onednn=False: F.linear for all."""
+    model = build_embedded_model(tokenizer, {**TINY, "hidden_size": 256, "intermediate_size": 1280}, seed=0).eval()
     step = LlamaDecodeStep(model)
     for layer in step.layers:
         assert [getattr(layer, n).matmul for n in "q k v o".split()] == [torch.nn.functional.linear] * 4
         assert [getattr(layer, n).matmul for n in "gate up down".split()] == [onednn_linear] * 3
-    assert set(step_matmuls(LlamaDecodeStep(model, exact=True))) == {torch.nn.functional.linear}
+    assert set(step_matmuls(LlamaDecodeStep(model, onednn=False))) == {torch.nn.functional.linear}
     assert set(step_matmuls(LlamaDecodeStep(model.bfloat16()))) == {torch.nn.functional.linear}  # float32 only
 
 
@@ -328,7 +373,7 @@ def test_the_fast_llama_step_gives_generates_tokens_with_the_exact_draw(model, t
 
 
 def no_fast_step(monkeypatch) -> None:
-    def refuse(self, model, exact=False):
+    def refuse(self, model, onednn=True):
         raise AssertionError("LlamaDecodeStep built for a model it does not support")
     monkeypatch.setattr(LlamaDecodeStep, "__init__", refuse)
 
@@ -395,6 +440,8 @@ def test_reserved_cache_writes_in_place_after_reserve(model):
 def test_sampling_options_check_the_decoder_and_min_new_tokens():
     with pytest.raises(ValueError, match=r"model.sampling.decoder must be one of lean, generate, got 'vllm'"):
         SamplingArgs(decoder="vllm").validate("model.sampling")
+    with pytest.raises(ValueError, match=r"model.sampling.onednn must be true or false, got 'no'"):
+        SamplingArgs(onednn="no").validate("model.sampling")
     with pytest.raises(ValueError, match=r"model.sampling.min_new_tokens must be in \[0, max_new_tokens=8\], got 9"):
         SamplingArgs(max_new_tokens=8, min_new_tokens=9).validate("model.sampling")
 
