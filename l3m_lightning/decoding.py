@@ -304,19 +304,21 @@ def inverse_cdf_draw(probs: torch.Tensor, block: int | None = None) -> torch.Ten
     """One token per row of ``probs`` ``[N, V]`` (rows summing to ~1), from one uniform per row.
 
     Sums are taken in float64, so rounding cannot move mass between tokens, and the uniform stays
-    strictly below the total, so a token of probability 0 is never drawn. A large vocabulary draws
-    in two levels: a block of ``block`` tokens by the CDF of the block sums, then a token by the CDF
-    within that block only. One float64 cumsum over 49,152 entries took 2-4 ms for 8-16 rows on 2
-    CPU cores, longer than a 135M model's output layer; the two levels take 0.1-0.2 ms. ``block``:
+    strictly below the total, so a token of probability 0 is never drawn (with no pass over the
+    vocabulary for its last possible token, which the draw made before). A large vocabulary draws in
+    two levels: a block of ``block`` tokens by the CDF of the block sums, then a token by the CDF
+    within that block only (``bench/decode_kernels.py``: 0.10-0.15 ms there, one CDF 0.14-0.26 ms;
+    at 2,048 entries one CDF is faster). ``block``:
     None picks one CDF up to ``FLAT_CDF_MAX_VOCAB`` entries, else blocks of ``CDF_BLOCK``. For the same
     seed both give the same token but where float64 rounding differs (all 2,000 draws alike on a 49k vocabulary).
+    ``block=0``: one CDF whatever the size.
     """
     n, vocab = probs.shape
     if block is None:
-        if vocab <= FLAT_CDF_MAX_VOCAB:
-            cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
-            return torch.searchsorted(cdf, _uniform_below(cdf[:, -1:]), right=True).squeeze(1)
-        block = CDF_BLOCK
+        block = 0 if vocab <= FLAT_CDF_MAX_VOCAB else CDF_BLOCK
+    if block == 0:
+        cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+        return torch.searchsorted(cdf, _uniform_below(cdf[:, -1:]), right=True).squeeze(1)
     pad = -vocab % block
     blocks = (F.pad(probs, (0, pad)) if pad else probs).view(n, -1, block)
     ends = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)

@@ -87,8 +87,8 @@ def test_min_new_tokens_holds_back_the_stop_tokens(model, tokenizer):
     assert torch.isin(free[:, :5], torch.tensor(many_stops)).any(), "without it, some row stops within 5 tokens (the check has teeth)"
 
 
-# None: one CDF (a small vocabulary); 2 and 4: two levels, blocks of 2 or 4 tokens (4 pads the 6-token vocabulary to 8)
-DRAW_BLOCKS = pytest.mark.parametrize("block", [None, 2, 4], ids=["flat", "blocks_of_2", "blocks_of_4_padded"])
+# None: automatic (one CDF for a small vocabulary); 0: one CDF; 2 and 4: two levels (4 pads the 6-token vocabulary to 8)
+DRAW_BLOCKS = pytest.mark.parametrize("block", [None, 0, 2, 4], ids=["automatic", "flat", "blocks_of_2", "blocks_of_4_padded"])
 
 
 @DRAW_BLOCKS
@@ -134,6 +134,8 @@ def test_a_large_vocabulary_draws_in_two_levels_with_the_same_law():
     probs[[0, 127, 128, vocab - 1]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
     torch.manual_seed(0)
     draws = inverse_cdf_draw(probs.expand(20_000, -1))
+    torch.manual_seed(0)
+    assert torch.equal(draws, inverse_cdf_draw(probs.expand(20_000, -1), 0))  # one CDF: the same tokens for the seed
     counts = torch.stack([(draws == t).sum() for t in (0, 127, 128, vocab - 1)]).double()
     assert counts.sum() == len(draws)
     assert chisquare(counts.numpy(), (torch.tensor([0.1, 0.2, 0.3, 0.4]) * len(draws)).numpy()).pvalue > 1e-3
