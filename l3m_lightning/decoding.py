@@ -27,8 +27,8 @@ prefill filled (``llama_decode_supported`` says when; every other model keeps it
 
 On CPU its large float32 matmuls run on oneDNN rather than ``F.linear``'s BLAS: a decode step
 multiplies a few rows by every weight matrix, and for that shape, with weights streamed from memory,
-oneDNN is about 2x faster here (2 AMD EPYC cores: a 49M model's 84 decode matmuls 13.4 -> 7.4 ms,
-SmolLM2's 49k-row output layer 13.3 -> 4.9 ms for 8 rows); for weights that sit in cache
+oneDNN is 2.0-2.6x faster here (2 AMD EPYC cores, ``bench/decode_kernels.py``: a 49M model's
+projections, SmolLM2's 49k-row output layer 12.7 -> 4.9 ms for 8 rows); for weights that sit in cache
 (all of the embedded model's) its per-call overhead loses, so they keep ``F.linear``. The two kernels
 round differently (~1e-6 relative), so the logits are the forward's up to float32 rounding, not
 bit for bit; ``onednn=False`` keeps ``F.linear`` everywhere, as the exact draw does.
@@ -174,9 +174,10 @@ class _RMSNorm:
 
 
 #: Weights with at least this many elements take oneDNN's matmul in the decode step (see the module docstring).
-#: Measured crossover: the embedded model's 2048x128 output layer (262,144) decodes ~3% faster on ``F.linear``,
-#: a 576x576 projection (331,776) 1.8x faster on oneDNN; small weights stay in cache, where oneDNN's per-call
-#: overhead loses (128x128: 7.6 vs 14.0 us).
+#: It sits between the embedded model's 2048x128 output layer (262,144 elements: about even, 1.01-1.16x for
+#: oneDNN in ``bench/decode_kernels.py``, so it keeps ``F.linear`` and the embedded model decodes bit for bit as
+#: before) and a 576x576 projection (331,776: 2.0x); small weights stay in cache, where oneDNN's per-call
+#: overhead loses (128x128: 0.5-0.6x).
 ONEDNN_MIN_WEIGHT_ELEMENTS = 300_000
 
 
