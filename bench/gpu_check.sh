@@ -20,7 +20,8 @@
 #   overrides: DEVICES STEPS BATCH NUM_SAMPLES MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR PRECISION MODEL_CONFIG PHASES
 #              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP SAMPLER_CONFIG
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
-# Measured on one H200 (2026-11-27): all phases PASS; numbers in docs/results.md ("GPU check").
+# Measured on one H200 (2026-11-27): the first three phases PASS; numbers in docs/results.md ("GPU check").
+# The sampler phase (2026-11-29) has run only as a CPU dry run: no GPU was lent since.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

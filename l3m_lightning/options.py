@@ -124,10 +124,11 @@ class SamplingArgs(_Group):
             keys/values written in place, one uniform draw per token: ``l3m_lightning.decoding``) or
             ``generate`` (transformers' ``generate``). Both sample the same distribution; models
             ``lean`` cannot run, and lock-step decoding across ranks under FSDP1, use ``generate``.
-        onednn: with ``lean`` on CPU, a decode step's large float32 matmuls run on oneDNN, about 2x
-            faster than ``F.linear`` for its few rows (``l3m_lightning.decoding``); it rounds
-            differently, so the same seed gives other tokens. ``false``: ``F.linear``, as before
-            2026-11-29 (commit ce5b6d2); frozen configs of results recorded before then pin it.
+        onednn: with ``lean`` on CPU, a decode step multiplies float32 weights of >= 300,000
+            elements (SmolLM2's; none of the embedded model's) with oneDNN, 2-2.6x faster than
+            ``F.linear`` for its few rows (``l3m_lightning.decoding``); it rounds differently, so the
+            same seed gives other tokens. ``false``: ``F.linear``, as before commit ce5b6d2
+            (2026-11-29); the frozen configs of results recorded with ``lean`` before it pin it.
     """
 
     KEY: ClassVar[str] = "model.sampling"
