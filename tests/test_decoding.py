@@ -9,9 +9,8 @@ from scipy.stats import chisquare
 import l3m_lightning.decoding as decoding
 from l3m_lightning.decoding import (
     LlamaDecodeStep, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
-    onednn_available, onednn_linear, reserved_cache,
+    FLAT_CDF_MAX_VOCAB, onednn_available, onednn_linear, reserved_cache,
 )
-from l3m_lightning.decoding import FLAT_CDF_MAX_VOCAB
 from l3m_lightning.embedded.model import build_embedded_model
 from l3m_lightning.options import SamplingArgs
 from l3m_lightning.sampling import sample_rollouts
@@ -118,8 +117,6 @@ def test_two_level_draw_keeps_to_the_blocks_mass_when_its_own_cdf_rounds_short(m
     1 followed by 127 tokens of 2^-53: the vectorised block sum keeps them (1 + 127 * 2^-53), the
     running CDF rounds each one away (1.0), so a uniform just below the block's end lies past its CDF.
     """
-    import l3m_lightning.decoding as decoding
-
     probs = torch.zeros(1, 256)
     probs[0, 0], probs[0, 1:128] = 1.0, 2.0**-53
     block_end = probs[:, :128].sum(dtype=torch.float64)
