@@ -313,7 +313,7 @@ def inverse_cdf_draw(probs: torch.Tensor, block: int | None = None) -> torch.Ten
     ``FLAT_CDF_MAX_VOCAB`` entries, else blocks of ``CDF_BLOCK`` (``bench/decode_kernels.py``: at
     49,152 entries two levels take 0.10-0.15 ms a token for 8-16 rows, one CDF 0.14-0.28 ms; at
     2,048 one CDF is faster). For the same seed both give the same token but where float64 rounding
-    differs (2,000 of 2,000 alike on random 49k-entry rows; ``tests/test_decoding.py`` checks 20,000).
+    differs (``tests/test_decoding.py``: 20,000 of 20,000 alike).
     """
     n, vocab = probs.shape
     if block is None:
