@@ -112,7 +112,6 @@ def train_reward_models(out: Path) -> dict[str, Any]:
     return result
 
 
-
 # --- the policy's data -----------------------------------------------------------------------------
 def hh_messages(dialogue: str) -> list[dict[str, str]]:
     """An HH dialogue (``"\n\nHuman: …\n\nAssistant: …"``) as chat messages, every turn kept."""

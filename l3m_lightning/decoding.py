@@ -196,10 +196,11 @@ class _Linear:
     __slots__ = ("weight", "bias", "matmul")
 
     def __init__(self, linear: torch.nn.Linear, onednn: bool) -> None:
+        """``onednn``: oneDNN may be used (asked for and available); it is, for a large float32 CPU weight."""
         self.weight, self.bias = linear.weight, linear.bias
         large_cpu_float32 = (self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
                              and self.weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS)
-        self.matmul: Callable = onednn_linear if onednn and large_cpu_float32 and onednn_available() else F.linear
+        self.matmul: Callable = onednn_linear if onednn and large_cpu_float32 else F.linear
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.weight, self.bias)
@@ -235,6 +236,7 @@ class LlamaDecodeStep:
 
     def __init__(self, model: PreTrainedModel, onednn: bool = True) -> None:
         config, inner = model.config, model.model
+        onednn = onednn and onednn_available()
         self.embed_weight = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
