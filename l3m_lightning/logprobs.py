@@ -114,13 +114,33 @@ class TokenLogprobs:
         return parts[0], parts[1]
 
 
+def scored_positions(scored: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the ``True`` entries of ``scored``, in order: rows to ``pick`` from a ``[..., D]`` tensor of its shape."""
+    return scored.reshape(-1).nonzero().squeeze(1)
+
+
+def pick(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``values[scored]`` for ``[..., D]`` values: the same rows, whose gradient is added back row by row.
+
+    Boolean indexing gives the same values and gradient (bit for bit: every row is picked once), but
+    its backward is an accumulating ``index_put`` that sorts the indices, slower than
+    ``index_select``'s on a step's logits (``docs/results.md``, issue 16).
+    """
+    return values.reshape(-1, values.shape[-1]).index_select(0, positions)
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log-softmax of ``logits`` ``[M, V]`` (in float32 at least) at ``targets`` ``[M]``."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def _scored(model: torch.nn.Module, targets: torch.Tensor, segment: torch.Tensor, num_sequences: int, with_hidden: bool, **inputs) -> TokenLogprobs:
     out = model(**inputs, use_cache=False, output_hidden_states=with_hidden)
-    scored = targets != IGNORE_INDEX
     # log-softmax only where a token is scored (prompts, padding and row tails are skipped)
-    logp = torch.log_softmax(out.logits[scored].float(), dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
-    hidden = out.hidden_states[-1][scored] if with_hidden else None
-    return TokenLogprobs(logp, segment[scored], num_sequences, hidden)
+    positions = scored_positions(targets != IGNORE_INDEX)
+    logp = target_logprobs(pick(out.logits, positions), targets.reshape(-1)[positions])
+    hidden = pick(out.hidden_states[-1], positions) if with_hidden else None
+    return TokenLogprobs(logp, segment.reshape(-1)[positions], num_sequences, hidden)
 
 
 def packed_token_logprobs(model: torch.nn.Module, packed: Packed, with_hidden: bool = False) -> TokenLogprobs:
@@ -252,12 +272,12 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, w
                     position_ids=prompt_len[rows].unsqueeze(1) + torch.arange(r, device=mask.device),
                     use_cache=True, output_hidden_states=with_hidden, **{cache_name: _cache_rows(cache, rows)})
         # response token t is predicted at its prompt's last position (t = 0) or at response position t - 1
-        scored = part.mask.bool()
-        predicting = torch.cat([prompt_out.logits[rows, -1:], out.logits[:, :-1]], dim=1)[scored]
-        logps.append(torch.log_softmax(predicting.float(), dim=-1).gather(-1, part.ids[scored].unsqueeze(-1)).squeeze(-1))
-        sequences.append((torch.arange(len(rows), device=mask.device).unsqueeze(1) + offset).expand_as(scored)[scored])
+        positions = scored_positions(part.mask.bool())
+        predicting = pick(torch.cat([prompt_out.logits[rows, -1:], out.logits[:, :-1]], dim=1), positions)
+        logps.append(target_logprobs(predicting, part.ids.reshape(-1)[positions]))
+        sequences.append(torch.div(positions, r, rounding_mode="floor") + offset)  # row of each scored position
         if with_hidden:
-            hiddens.append(torch.cat([prompt_out.hidden_states[-1][rows, -1:], out.hidden_states[-1][:, :-1]], dim=1)[scored])
+            hiddens.append(pick(torch.cat([prompt_out.hidden_states[-1][rows, -1:], out.hidden_states[-1][:, :-1]], dim=1), positions))
         offset += len(rows)
     return TokenLogprobs(torch.cat(logps), torch.cat(sequences), offset, torch.cat(hiddens) if with_hidden else None)
 

@@ -7,7 +7,9 @@ import torch
 
 from l3m_lightning.constants import IGNORE_INDEX
 from l3m_lightning.embedded.model import build_embedded_model
-from l3m_lightning.logprobs import first_fit_decreasing, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs
+from l3m_lightning.logprobs import (
+    first_fit_decreasing, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs, pick, scored_positions, target_logprobs,
+)
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
 
@@ -31,6 +33,27 @@ def parts(tokenizer):
     sft = _right_padded([17, 9, 30], [5, 4, 12], len(tokenizer), pad, seed=0)
     samples = _right_padded([8, 8, 25, 6, 13, 7], [6, 6, 6, 5, 5, 5], len(tokenizer), pad, seed=1)
     return [sft, samples]
+
+
+def test_picking_scored_rows_gives_boolean_indexings_values_and_gradient_bit_for_bit():
+    """``pick`` replaces ``logits[scored]`` for its faster backward: the log-probs and the logits' gradient must not move."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 50, generator=g)
+    targets = torch.randint(0, 50, (5, 7), generator=g)
+    scored = torch.rand(5, 7, generator=g) < 0.6
+    weights = torch.randn(int(scored.sum()), generator=g)  # a loss that weighs each token differently
+    grads = []
+    for picked in ("boolean", "pick"):
+        x = logits.clone().requires_grad_()
+        if picked == "boolean":
+            logp = torch.log_softmax(x[scored], dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+        else:
+            positions = scored_positions(scored)
+            logp = target_logprobs(pick(x, positions), targets.reshape(-1)[positions])
+        (weights * logp).sum().backward()
+        grads.append((logp.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert grads[1][1][~scored].abs().sum() == 0 and grads[1][1][scored].abs().sum() > 0
 
 
 @pytest.mark.parametrize("lengths,width,rows", [([5, 3, 3, 2, 9, 1], 9, 3), ([4] * 7, 10, 4), ([10], 10, 1)])
