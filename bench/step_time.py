@@ -19,7 +19,9 @@ For each model config (``embedded``: the embedded default; ``50m``: a ~50M-param
   and an SFT step (SFT forward/backward + the same optimiser step);
 * the same step under ``python cli.py fit`` (``--fit-steps``; TensorBoard logger, progress bar,
   the real loop), timed by ``l3m_lightning.callbacks.StepTimer``: ``fit/bench`` near 1 means the
-  bench sees what fit spends;
+  bench sees what fit spends. Two processes on this machine can differ by 10-20% for no reason in
+  the code, so ``--rounds R`` alternates the bench's process and fit's R times: medians over the
+  rounds, and each round's ratio;
 * the step's sampling call with ``decoder: lean`` and with ``decoder: generate`` (transformers'
   ``generate``) on the same batch: ``lean/generate`` is the sampler's throughput ratio;
 * a bare KV-cached sampling loop (prefill, then one token per step for every row, no stopping, no
@@ -326,10 +328,7 @@ def run_one(name: str, args) -> dict:
         bare_tokens.append(bare())
     timer.times.update(whole_steps)
 
-    med = {k: statistics.median(v) for k, v in timer.times.items()}
-    tok_sampled = statistics.median(sampled)
-    parts = sum(med[k] for k in PARTS)
-    return {
+    return with_ratios({
         "config": name,
         "model_config": {**overrides},
         "params_millions": n_params / 1e6,
@@ -338,20 +337,49 @@ def run_one(name: str, args) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "prompt_tokens": statistics.median(int(b["prompt_input_ids"].shape[1]) for b in batches),
         "sft_tokens": statistics.median(int(b["input_ids"].shape[1]) for b in batches),
-        "ms": {k: 1000 * v for k, v in med.items()},
-        "sampled_tokens": tok_sampled,
-        "sampled_tokens_per_s": tok_sampled / med["sampling"],
-        "bare_decode_tokens_per_s": statistics.median(bare_tokens) / med["bare_decode"],
-        "sampling_fraction_of_bare": (tok_sampled / med["sampling"]) / (statistics.median(bare_tokens) / med["bare_decode"]),
-        "lean_over_generate_throughput": med["sampling_generate"] / med["sampling_lean"],
-        "l3m_over_sft_step": med["l3m_step"] / med["sft_step"],
-        "l3m_over_parts": med["l3m_step"] / parts,
-        "default_over_padded_step": med["l3m_step"] / med["l3m_step_padded"],
-        "fwd_bwd_over_padded": {f"{kind}_{k}": med[f"fwd_bwd_{kind}_{k}"] / med[f"fwd_bwd_padded_{k}"] for kind in ("shared", "packed")
-                                for k in ("full", "varied")},
+        "ms": {k: 1000 * statistics.median(v) for k, v in timer.times.items()},
+        "sampled_tokens": statistics.median(sampled),
+        "bare_tokens": statistics.median(bare_tokens),
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+    })
+
+
+def with_ratios(result: dict) -> dict:
+    """``result`` with the throughputs and ratios its per-phase ``ms`` give."""
+    ms = result["ms"]
+    sampled_per_s, bare_per_s = 1000 * result["sampled_tokens"] / ms["sampling"], 1000 * result["bare_tokens"] / ms["bare_decode"]
+    return {
+        **result,
+        "sampled_tokens_per_s": sampled_per_s,
+        "bare_decode_tokens_per_s": bare_per_s,
+        "sampling_fraction_of_bare": sampled_per_s / bare_per_s,
+        "lean_over_generate_throughput": ms["sampling_generate"] / ms["sampling_lean"],
+        "l3m_over_sft_step": ms["l3m_step"] / ms["sft_step"],
+        "l3m_over_parts": ms["l3m_step"] / sum(ms[k] for k in PARTS),
+        "default_over_padded_step": ms["l3m_step"] / ms["l3m_step_padded"],
+        "fwd_bwd_over_padded": {f"{kind}_{k}": ms[f"fwd_bwd_{kind}_{k}"] / ms[f"fwd_bwd_padded_{k}"] for kind in ("shared", "packed")
+                                for k in ("full", "varied")},
     }
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One config's rounds as one result: each phase's median over the rounds, each round's step times kept.
+
+    A process on this 2-core machine can run 10-20% slower than the next one for its whole life
+    (the same lean sampler: 32-42 ms in ten processes in a row), so a comparison between two
+    processes (the bench's step against ``cli.py fit``'s) alternates them over rounds.
+    """
+    merged = dict(rounds[0], rounds=len(rounds))
+    merged["ms"] = {k: statistics.median(r["ms"][k] for r in rounds) for k in rounds[0]["ms"]}
+    merged["peak_memory_mb"] = max(r["peak_memory_mb"] for r in rounds)
+    merged["bench_step_ms_by_round"] = [r["ms"]["l3m_step"] for r in rounds]
+    if "fit_step_ms" in rounds[0]:
+        merged["fit_step_ms_by_round"] = [r["fit_step_ms"] for r in rounds]
+        merged["fit_over_bench_by_round"] = [r["fit_step_ms"] / r["ms"]["l3m_step"] for r in rounds]
+        merged["fit_step_ms"] = statistics.median(merged["fit_step_ms_by_round"])
+        merged["fit_over_bench"] = merged["fit_step_ms"] / merged["ms"]["l3m_step"]
+    return with_ratios(merged)
 
 
 def table(results: list[dict]) -> str:
@@ -368,9 +396,13 @@ def table(results: list[dict]) -> str:
         lines.append(f"{r['config']:<10}{r['sampled_tokens_per_s']:>15.0f}{r['bare_decode_tokens_per_s']:>12.0f}{r['sampling_fraction_of_bare']:>15.2f}"
                      f"{r['l3m_over_sft_step']:>14.2f}{r['l3m_over_parts']:>11.2f}{r['default_over_padded_step']:>13.2f}"
                      + "".join(f"{r['fwd_bwd_over_padded'][k]:>22.2f}" for k in ratios) + f"{r['peak_memory_mb']:>10.0f}")
-    lines += ["", f"{'config':<10}{'lean/generate tok/s':>21}{'fit step ms':>13}{'bench step ms':>15}{'fit/bench':>11}"]
+    lines += ["", f"{'config':<10}{'lean/generate tok/s':>21}{'fit step ms':>13}{'bench step ms':>15}{'fit/bench':>11}  fit/bench by round"]
     for r in results:
-        fit = f"{r['fit_step_ms']:>13.1f}{r['ms']['l3m_step']:>15.1f}{r['fit_over_bench']:>11.3f}" if "fit_step_ms" in r else f"{'-':>13}{r['ms']['l3m_step']:>15.1f}{'-':>11}"
+        if "fit_step_ms" in r:
+            by_round = " ".join(f"{ratio:.3f}" for ratio in r.get("fit_over_bench_by_round", []))
+            fit = f"{r['fit_step_ms']:>13.1f}{r['ms']['l3m_step']:>15.1f}{r['fit_over_bench']:>11.3f}  {by_round}"
+        else:
+            fit = f"{'-':>13}{r['ms']['l3m_step']:>15.1f}{'-':>11}"
         lines.append(f"{r['config']:<10}{r['lean_over_generate_throughput']:>21.2f}{fit}")
     return "\n".join(lines)
 
@@ -388,6 +420,7 @@ def main() -> None:
     parser.add_argument("--decoder", default="lean", choices=["lean", "generate"], help="model.sampling.decoder of the step")
     parser.add_argument("--gradient-clip-val", type=float, default=1.0, help="as trainer.gradient_clip_val (0: none)")
     parser.add_argument("--fit-steps", type=int, default=5, help="timed steps of the same run under cli.py fit (0: skip)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternated rounds of the bench's process and cli.py fit's (medians)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "step_time.json"))
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -401,15 +434,16 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--_one", name, "--batch-size", str(args.batch_size), "--num-samples", str(args.num_samples),
                "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--device", args.device, "--dtype", args.dtype, "--decoder", args.decoder, "--gradient-clip-val", str(args.gradient_clip_val)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        if args.fit_steps:
-            result.update(fit_step_time(name, args))
-            result["fit_over_bench"] = result["fit_step_ms"] / result["ms"]["l3m_step"]
-        results.append(result)
-        print(f"done: {name}", file=sys.stderr)
+        rounds = []
+        for i in range(args.rounds):  # the bench's process, then cli.py fit's, alternated
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
+            rounds.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if args.fit_steps:
+                rounds[-1].update(fit_step_time(name, args))
+            print(f"done: {name}, round {i + 1} of {args.rounds}", file=sys.stderr)
+        results.append(merge_rounds(rounds))
 
     import torch
 
@@ -424,6 +458,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "fit_steps": args.fit_steps,
+        "rounds": args.rounds,
         "decoder": args.decoder,
         "gradient_clip_val": args.gradient_clip_val,
         "command": " ".join(["python bench/step_time.py", *sys.argv[1:]]),

@@ -27,8 +27,13 @@ def test_step_time_bench_runs_one_tiny_step(single_thread):
     assert row["sampled_tokens"] == 2 * 2 * 4  # every row runs to max_new_tokens while timing
     row.update(step_time.fit_step_time("tiny", args))  # the same step under cli.py fit, timed by StepTimer
     assert row["fit_steps_timed"] == 2 and row["fit_step_ms"] > 0
-    row["fit_over_bench"] = row["fit_step_ms"] / row["ms"]["l3m_step"]
-    assert "tiny" in step_time.table([row])
+    slower = {**row, "ms": {k: 3 * v for k, v in row["ms"].items()}, "fit_step_ms": 2 * row["fit_step_ms"]}
+    merged = step_time.merge_rounds([row, slower, slower])  # --rounds 3: medians over the rounds, each round's ratio kept
+    assert merged["ms"]["l3m_step"] == slower["ms"]["l3m_step"] and merged["fit_step_ms"] == slower["fit_step_ms"]
+    assert merged["fit_over_bench_by_round"][0] == pytest.approx(row["fit_step_ms"] / row["ms"]["l3m_step"])
+    assert merged["fit_over_bench"] == pytest.approx(2 / 3 * merged["fit_over_bench_by_round"][0])
+    assert merged["lean_over_generate_throughput"] == pytest.approx(row["lean_over_generate_throughput"])
+    assert "tiny" in step_time.table([merged])
 
 
 def _load_bench(name: str):
