@@ -367,7 +367,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
     """One config's rounds as one result: each phase's median over the rounds, each round's step times kept.
 
     A process on this 2-core machine can run 10-20% slower than the next one for its whole life
-    (the same lean sampler: 32-42 ms in ten processes in a row), so a comparison between two
+    (the 1.1M step over five rounds: 87-108 ms, docs/results.md), so a comparison between two
     processes (the bench's step against ``cli.py fit``'s) alternates them over rounds.
     """
     merged = dict(rounds[0], rounds=len(rounds))
