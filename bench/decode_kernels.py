@@ -1,4 +1,4 @@
-"""The lean decode step's two kernels on this machine: its matmuls (``F.linear`` against oneDNN) and its draw.
+"""The lean decode step's two kernels on this machine (its matmuls, ``F.linear`` against oneDNN, and its draw), and the training pass's pick of scored tokens.
 
     OMP_NUM_THREADS=2 python bench/decode_kernels.py          # ~1 min on 2 CPU cores
 
@@ -9,6 +9,11 @@
   ``chosen`` is what ``LlamaDecodeStep`` takes for that shape (``ONEDNN_MIN_WEIGHT_ELEMENTS``).
 * the draw: ``decoding.inverse_cdf_draw`` with one float64 CDF (``block=0``) against two levels
   (``block=CDF_BLOCK``), per token for N rows of a V-entry vocabulary; ``chosen`` is the automatic pick.
+* the pick: the policy pass's log-probabilities of the scored tokens, forward and backward, from a
+  ``[rows, positions, vocabulary]`` logits tensor with 80% of its positions scored: boolean
+  indexing (``logits[scored]``, before ``531b68b``) against ``logprobs.pick`` (``index_select``,
+  what ``logprobs`` uses). Shapes: the embedded step's samples (16 x 32 x 2,048) and a SmolLM2
+  step's (8 x 128 x 49,152).
 
 Prints a table and writes ``bench/results/decode_kernels.json`` (``--out``). Shapes: the 49M
 bench config's projections (576x576, 1536x576, 576x1536), SmolLM2-135M's output layer (49152x576),
@@ -34,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from l3m_lightning import decoding  # noqa: E402
+from l3m_lightning import decoding, logprobs  # noqa: E402
 
 #: (name, out_features, in_features, distinct copies): the weights a decode step walks through
 SHAPES = (
@@ -46,6 +51,8 @@ SHAPES = (
     ("embedded 128x128", 128, 128, 16),
 )
 VOCABS = ((2048, 16), (49152, 8), (49152, 16))
+#: (name, rows, positions, vocabulary): logits whose scored tokens a training pass picks
+LOGITS = (("embedded samples", 16, 32, 2048), ("SmolLM2 samples", 8, 128, 49152))
 
 
 def median_us(fn, repeats: int, per_call: int = 1) -> float:
@@ -85,7 +92,31 @@ def draw_rows(repeats: int) -> list[dict]:
     return out
 
 
-def table(matmuls: list[dict], draws: list[dict]) -> str:
+def pick_rows(repeats: int) -> list[dict]:
+    out = []
+    for name, rows, positions, vocab in LOGITS:
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(rows, positions, vocab, generator=g)
+        targets = torch.randint(0, vocab, (rows, positions), generator=g)
+        scored = torch.rand(rows, positions, generator=g) < 0.8
+
+        def boolean() -> None:
+            x = logits.detach().requires_grad_()
+            torch.log_softmax(x[scored], dim=-1).gather(-1, targets[scored].unsqueeze(-1)).sum().backward()
+
+        def index_select() -> None:
+            x = logits.detach().requires_grad_()
+            at = logprobs.scored_positions(scored)
+            logprobs.target_logprobs(logprobs.pick(x, at), targets.reshape(-1)[at]).sum().backward()
+
+        times = max(3, repeats * 2048 // vocab)  # the large vocabulary's pass takes ~0.3 s
+        boolean_us, select_us = median_us(boolean, times), median_us(index_select, times)
+        out.append({"logits": name, "shape": [rows, positions, vocab], "boolean_us": boolean_us, "index_select_us": select_us,
+                    "speedup": boolean_us / select_us})
+    return out
+
+
+def table(matmuls: list[dict], draws: list[dict], picks: list[dict]) -> str:
     lines = [f"{'matmul':<18}{'weight':>12}{'rows':>6}{'F.linear us':>13}{'oneDNN us':>11}{'GB/s':>13}{'speed-up':>10}  chosen"]
     for r in matmuls:
         gbs = f"{r['f_linear_gb_s']:.1f}/{r['onednn_gb_s']:.1f}"
@@ -95,6 +126,10 @@ def table(matmuls: list[dict], draws: list[dict]) -> str:
     for r in draws:
         lines.append(f"{'inverse CDF':<18}{r['vocab']:>12}{r['rows']:>6}{r['one_cdf_us']:>13.1f}{r['two_level_us']:>11.1f}{'':>13}"
                      f"{r['speedup']:>9.2f}x  {r['chosen']}")
+    lines += ["", f"{'pick, fwd+bwd':<18}{'logits':>16}{'boolean ms':>12}{'index_select ms':>17}{'speed-up':>10}"]
+    for r in picks:
+        lines.append(f"{r['logits']:<18}{'x'.join(map(str, r['shape'])):>16}{r['boolean_us'] / 1e3:>12.2f}{r['index_select_us'] / 1e3:>17.2f}"
+                     f"{r['speedup']:>9.2f}x")
     return "\n".join(lines)
 
 
@@ -108,12 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("this torch build has no oneDNN matmul (torch.ops.mkldnn._linear_pointwise): nothing to compare")
     matmuls = [r for rows in args.rows for r in matmul_rows(rows, args.repeats)]
     draws = draw_rows(args.repeats * 5)
-    text = table(matmuls, draws)
+    picks = pick_rows(args.repeats)
+    text = table(matmuls, draws, picks)
     print(text)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"meta": {"date": date.today().isoformat(), "commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "platform": platform.platform(), "command": "python bench/decode_kernels.py " + " ".join(argv or sys.argv[1:])},
-              "matmuls": matmuls, "draws": draws, "table": text}
+              "matmuls": matmuls, "draws": draws, "picks": picks, "table": text}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

@@ -67,16 +67,18 @@ def test_vs_trl_bench_runs_both_tools_on_a_tiny_model(tmp_path):
     assert saved["meta"]["versions"]["trl"] and saved["parity"] and "TRL GRPO" in saved["table"]
 
 
-def test_decode_kernels_bench_times_both_matmuls_and_both_draws(tmp_path, monkeypatch):
+def test_decode_kernels_bench_times_both_matmuls_both_draws_and_both_picks(tmp_path, monkeypatch):
     """bench/decode_kernels.py end to end on small shapes: each shape's kernel choice is the decode step's, JSON written."""
     bench = _load_bench("decode_kernels")
     if not bench.decoding.onednn_available():
         pytest.skip("this torch build has no oneDNN matmul")
     monkeypatch.setattr(bench, "SHAPES", (("large", 600, 600, 2), ("small", 64, 64, 2)))
     monkeypatch.setattr(bench, "VOCABS", ((64, 2), (bench.decoding.FLAT_CDF_MAX_VOCAB + 1, 2)))
+    monkeypatch.setattr(bench, "LOGITS", (("small", 2, 3, 64),))
     out = tmp_path / "kernels.json"
     result = bench.main(["--rows", "4", "--repeats", "2", "--out", str(out)])
     assert [r["chosen"] for r in result["matmuls"]] == ["oneDNN", "F.linear"]
     assert [r["chosen"] for r in result["draws"]] == ["one CDF", f"blocks of {bench.decoding.CDF_BLOCK}"]
     assert all(r["f_linear_us"] > 0 and r["onednn_us"] > 0 for r in result["matmuls"])
+    assert [r["shape"] for r in result["picks"]] == [[2, 3, 64]] and result["picks"][0]["index_select_us"] > 0
     assert json.loads(out.read_text())["table"] == result["table"]
