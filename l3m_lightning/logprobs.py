@@ -123,8 +123,8 @@ def pick(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``values[scored]`` for ``[..., D]`` values: the same rows, whose gradient is added back row by row.
 
     Boolean indexing gives the same values and gradient (bit for bit: every row is picked once), but
-    its backward is an accumulating ``index_put`` that sorts the indices, slower than
-    ``index_select``'s on a step's logits (``docs/results.md``, issue 16).
+    its backward is an accumulating ``index_put`` that sorts the indices: 3.9x slower than
+    ``index_select``'s on the embedded step's sampled logits, 1.4x on SmolLM2's (``bench/decode_kernels.py``).
     """
     return values.reshape(-1, values.shape[-1]).index_select(0, positions)
 
