@@ -120,7 +120,7 @@ def scored_positions(scored: torch.Tensor) -> torch.Tensor:
 
 
 def pick(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``values[scored]`` for ``[..., D]`` values: the same rows, whose gradient is added back row by row.
+    """``values[scored]`` for ``[..., D]`` values and ``positions = scored_positions(scored)``: the same rows, their gradient added back row by row.
 
     Boolean indexing gives the same values and gradient (bit for bit: every row is picked once), but
     its backward is an accumulating ``index_put`` that sorts the indices: 3.9x slower than
