@@ -298,14 +298,15 @@ def trl_prompt_ids_match(tokenizer: Any, rows: list[dict[str, Any]]) -> bool:
 
 
 def floors_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Bare decode, bare forward+backward and one AdamW step on the shared folder: medians over ``steps - untimed`` repeats."""
+    """Bare decode, L3M's lean decode, bare forward+backward and one AdamW step on the shared folder: medians over ``steps - untimed`` repeats."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from l3m_lightning.decoding import lean_sample
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     bare_decode = load_step_time().bare_decode
-    from l3m_lightning.decoding import lean_sample
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()][: spec["batch_size"]]
@@ -316,23 +317,22 @@ def floors_child(spec: dict[str, Any]) -> dict[str, Any]:
     times: dict[str, list[float]] = {"bare_decode": [], "lean_decode": [], "fwd_bwd": [], "optimizer": []}
     for i in range(spec["steps"]):
         model.eval()
-        t = time.perf_counter()
-        lean_sample(model, ids, mask, spec["num_samples"], spec["max_new_tokens"], [], tokenizer.pad_token_id)
-        lean = time.perf_counter() - t
         t0 = time.perf_counter()
-        completions = bare_decode(model, ids, mask, spec["num_samples"], spec["max_new_tokens"])
+        lean_sample(model, ids, mask, spec["num_samples"], spec["max_new_tokens"], [], tokenizer.pad_token_id)
         t1 = time.perf_counter()
+        completions = bare_decode(model, ids, mask, spec["num_samples"], spec["max_new_tokens"])
+        t2 = time.perf_counter()
         model.train()
         sequences = torch.cat([ids.repeat_interleave(spec["num_samples"], dim=0), completions], dim=1)
         logits = model(input_ids=sequences).logits[:, ids.shape[1] - 1 : -1]
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, completions.unsqueeze(-1))
         (-logp.mean()).backward()
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
         if i >= spec["untimed"]:
-            for name, dt in zip(times, (t1 - t0, lean, t2 - t1, t3 - t2)):
+            for name, dt in zip(times, (t2 - t1, t1 - t0, t3 - t2, t4 - t3)):  # in the order of ``times``
                 times[name].append(dt)
     return {"s": {name: statistics.median(v) for name, v in times.items()}, "times": times, "torch_threads": torch.get_num_threads()}
 

@@ -271,13 +271,16 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, w
         out = model(input_ids=part.ids, attention_mask=torch.cat([mask[rows], part.mask], dim=1),
                     position_ids=prompt_len[rows].unsqueeze(1) + torch.arange(r, device=mask.device),
                     use_cache=True, output_hidden_states=with_hidden, **{cache_name: _cache_rows(cache, rows)})
-        # response token t is predicted at its prompt's last position (t = 0) or at response position t - 1
         positions = scored_positions(part.mask.bool())
-        predicting = pick(torch.cat([prompt_out.logits[rows, -1:], out.logits[:, :-1]], dim=1), positions)
-        logps.append(target_logprobs(predicting, part.ids.reshape(-1)[positions]))
+
+        def predicting(from_prompt: torch.Tensor, from_responses: torch.Tensor) -> torch.Tensor:
+            """Per scored token, what predicts it: its prompt's last position (token 0), else the response position before it."""
+            return pick(torch.cat([from_prompt[rows, -1:], from_responses[:, :-1]], dim=1), positions)
+
+        logps.append(target_logprobs(predicting(prompt_out.logits, out.logits), part.ids.reshape(-1)[positions]))
         sequences.append(torch.div(positions, r, rounding_mode="floor") + offset)  # row of each scored position
         if with_hidden:
-            hiddens.append(pick(torch.cat([prompt_out.hidden_states[-1][rows, -1:], out.hidden_states[-1][:, :-1]], dim=1), positions))
+            hiddens.append(predicting(prompt_out.hidden_states[-1], out.hidden_states[-1]))
         offset += len(rows)
     return TokenLogprobs(torch.cat(logps), torch.cat(sequences), offset, torch.cat(hiddens) if with_hidden else None)
 
