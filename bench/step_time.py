@@ -265,7 +265,7 @@ def run_one(name: str, args) -> dict:
                                        [(rows, torch.arange(len(rows[0]), device=device)),
                                         ((rollouts.input_ids, rollouts.attention_mask, rollouts.labels), rollouts.prompt_index)],
                                        module.tokenizer.pad_token_id)
-                sft, pg = shared_prompt_token_logprobs(module.model, layout).split(len(rows[0]))
+                sft, pg = shared_prompt_token_logprobs(module.model, layout, head=module.scoring_head(rows)).split(len(rows[0]))
             else:
                 sft, pg = module.policy_logprobs(batch, rollouts)
             sft_loss = module.reduce_sft_loss(sft.sums(), sft.counts())[0]

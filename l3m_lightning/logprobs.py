@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -134,27 +134,51 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def _scored(model: torch.nn.Module, targets: torch.Tensor, segment: torch.Tensor, num_sequences: int, with_hidden: bool, **inputs) -> TokenLogprobs:
-    out = model(**inputs, use_cache=False, output_hidden_states=with_hidden)
+def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The layer that maps the last hidden states to logits (``get_output_embeddings``), if the model names one."""
+    get = getattr(model, "get_output_embeddings", None)
+    layer = get() if callable(get) else None
+    return layer if isinstance(layer, torch.nn.Module) else None
+
+
+def forward(model: torch.nn.Module, head: torch.nn.Module | None, with_hidden: bool, **inputs) -> Any:
+    """The model's output. With ``head``: every hidden state and no logits (``logits_to_keep`` selects no position);
+    the caller applies ``head`` to the scored tokens' hidden states alone, as TRL keeps only a completion's logits.
+    No logits are then computed, copied or back-propagated for prompts, padding or the last token of a row.
+    """
+    if head is None:
+        return model(**inputs, output_hidden_states=with_hidden)
+    return model(**inputs, output_hidden_states=True, logits_to_keep=no_positions(inputs["input_ids"].device))
+
+
+def no_positions(device: torch.device) -> torch.Tensor:
+    """``logits_to_keep`` for a forward whose logits are not needed: an empty index along the sequence."""
+    return torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _scored(model: torch.nn.Module, targets: torch.Tensor, segment: torch.Tensor, num_sequences: int, with_hidden: bool,
+            head: torch.nn.Module | None, **inputs) -> TokenLogprobs:
+    out = forward(model, head, with_hidden, use_cache=False, **inputs)
     # log-softmax only where a token is scored (prompts, padding and row tails are skipped)
     positions = scored_positions(targets != IGNORE_INDEX)
-    logp = target_logprobs(pick(out.logits, positions), targets.reshape(-1)[positions])
-    hidden = pick(out.hidden_states[-1], positions) if with_hidden else None
-    return TokenLogprobs(logp, segment.reshape(-1)[positions], num_sequences, hidden)
+    hidden = pick(out.hidden_states[-1], positions) if with_hidden or head is not None else None
+    logits = pick(out.logits, positions) if head is None else head(hidden)
+    logp = target_logprobs(logits, targets.reshape(-1)[positions])
+    return TokenLogprobs(logp, segment.reshape(-1)[positions], num_sequences, hidden if with_hidden else None)
 
 
-def packed_token_logprobs(model: torch.nn.Module, packed: Packed, with_hidden: bool = False) -> TokenLogprobs:
-    """One padding-free forward pass over every packed sequence."""
-    return _scored(model, packed.targets, packed.segment, packed.num_sequences, with_hidden,
+def packed_token_logprobs(model: torch.nn.Module, packed: Packed, with_hidden: bool = False, head: torch.nn.Module | None = None) -> TokenLogprobs:
+    """One padding-free forward pass over every packed sequence (``head``: see ``forward``)."""
+    return _scored(model, packed.targets, packed.segment, packed.num_sequences, with_hidden, head,
                    input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None)
 
 
-def padded_token_logprobs(model: torch.nn.Module, batch: Batch, with_hidden: bool = False) -> TokenLogprobs:
+def padded_token_logprobs(model: torch.nn.Module, batch: Batch, with_hidden: bool = False, head: torch.nn.Module | None = None) -> TokenLogprobs:
     """The same from an ordinary right-padded batch (one sequence per row)."""
     input_ids, attention_mask, labels = batch
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t scores token t+1
     rows = torch.arange(len(input_ids), device=input_ids.device).unsqueeze(1).expand_as(input_ids)
-    return _scored(model, targets, rows, len(input_ids), with_hidden, input_ids=input_ids, attention_mask=attention_mask)
+    return _scored(model, targets, rows, len(input_ids), with_hidden, head, input_ids=input_ids, attention_mask=attention_mask)
 
 
 @contextmanager
@@ -175,6 +199,23 @@ def packing_matches_padding(model: torch.nn.Module, parts: list[Batch], pad_toke
         packed = packed_token_logprobs(model, pack(parts, pad_token_id)).sums()
         padded = torch.cat([padded_token_logprobs(model, part).sums() for part in parts])
     return bool(torch.allclose(packed, padded, atol=atol, rtol=1e-4))
+
+
+@torch.no_grad()
+def head_matches_logits(model: torch.nn.Module, head: torch.nn.Module, batch: Batch, atol: float = 1e-3) -> bool:
+    """True when ``head`` on the last hidden states scores ``batch`` as the model's own logits do.
+
+    Not so for a model that transforms its logits after the output layer (Gemma 2's soft-capping,
+    Cohere's logit scale) or whose last hidden state is not the layer's input; a forward that takes no
+    ``logits_to_keep`` fails the check too.
+    """
+    with evaluating(model):
+        expected = padded_token_logprobs(model, batch).logp
+        try:
+            got = padded_token_logprobs(model, batch, head=head).logp
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+            return False
+    return got.shape == expected.shape and bool(torch.allclose(got, expected, atol=atol, rtol=1e-4))
 
 
 # --- one forward per prompt, shared by its reference and its K samples -------------------------------------------------
@@ -253,8 +294,12 @@ def _cache_rows(cache, rows: torch.Tensor):
     return selected
 
 
-def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, with_hidden: bool = False) -> TokenLogprobs:
-    """One forward over the prompts (their cache kept, with gradient), then one per part over its responses on that cache."""
+def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, with_hidden: bool = False,
+                                 head: torch.nn.Module | None = None) -> TokenLogprobs:
+    """One forward over the prompts (their cache kept, with gradient), then one per part over its responses on that cache.
+
+    ``head``: logits of the scored tokens only, from their hidden states (see ``forward``).
+    """
     from transformers import DynamicCache
 
     from l3m_lightning.decoding import cache_argument
@@ -263,24 +308,28 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, w
     mask = shared.prompt_attention_mask.long()
     prompt_len = mask.sum(dim=1)
     cache = DynamicCache(config=model.config)
+    hidden_needed = with_hidden or head is not None
     prompt_out = model(input_ids=shared.prompt_input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       use_cache=True, logits_to_keep=1, output_hidden_states=with_hidden, **{cache_name: cache})
+                       use_cache=True, logits_to_keep=1 if head is None else no_positions(mask.device),
+                       output_hidden_states=hidden_needed, **{cache_name: cache})
     logps, sequences, hiddens, offset = [], [], [], 0
     for part in shared.parts:
         rows, r = part.prompt_index, part.ids.shape[1]
-        out = model(input_ids=part.ids, attention_mask=torch.cat([mask[rows], part.mask], dim=1),
-                    position_ids=prompt_len[rows].unsqueeze(1) + torch.arange(r, device=mask.device),
-                    use_cache=True, output_hidden_states=with_hidden, **{cache_name: _cache_rows(cache, rows)})
+        out = forward(model, head, with_hidden, input_ids=part.ids, attention_mask=torch.cat([mask[rows], part.mask], dim=1),
+                      position_ids=prompt_len[rows].unsqueeze(1) + torch.arange(r, device=mask.device),
+                      use_cache=True, **{cache_name: _cache_rows(cache, rows)})
         positions = scored_positions(part.mask.bool())
 
         def predicting(from_prompt: torch.Tensor, from_responses: torch.Tensor) -> torch.Tensor:
             """Per scored token, what predicts it: its prompt's last position (token 0), else the response position before it."""
             return pick(torch.cat([from_prompt[rows, -1:], from_responses[:, :-1]], dim=1), positions)
 
-        logps.append(target_logprobs(predicting(prompt_out.logits, out.logits), part.ids.reshape(-1)[positions]))
+        hidden = predicting(prompt_out.hidden_states[-1], out.hidden_states[-1]) if hidden_needed else None
+        logits = predicting(prompt_out.logits, out.logits) if head is None else head(hidden)
+        logps.append(target_logprobs(logits, part.ids.reshape(-1)[positions]))
         sequences.append(torch.div(positions, r, rounding_mode="floor") + offset)  # row of each scored position
         if with_hidden:
-            hiddens.append(predicting(prompt_out.hidden_states[-1], out.hidden_states[-1]))
+            hiddens.append(hidden)
         offset += len(rows)
     return TokenLogprobs(torch.cat(logps), torch.cat(sequences), offset, torch.cat(hiddens) if with_hidden else None)
 

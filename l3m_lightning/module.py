@@ -35,8 +35,8 @@ from l3m_lightning.checkpointing import ExactResume
 from l3m_lightning.constants import IGNORE_INDEX
 from l3m_lightning.diagnostics import option_warnings, warn_all
 from l3m_lightning.logprobs import (
-    SharedPrompt, TokenLogprobs, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs, share_prompts,
-    shared_prompt_token_logprobs, sharing_matches_padding,
+    SharedPrompt, TokenLogprobs, head_matches_logits, output_layer, pack, packed_token_logprobs, packing_matches_padding,
+    padded_token_logprobs, share_prompts, shared_prompt_token_logprobs, sharing_matches_padding,
 )
 from l3m_lightning.objective import ConstrainedObjective, ObjectiveStep
 from l3m_lightning.optim import adamw_warmup_cosine
@@ -121,6 +121,7 @@ class L3MModule(L.LightningModule):
         self.loaded_global_step = 0
         self._packing_ok: bool | None = None  # fused_forward: does the model honour packed position ids?
         self._sharing_ok: bool | None = None  # share_prompts: does it score a response on its prompt's cache as the whole row?
+        self._head_ok: bool | None = None  # are its logits its output layer on its last hidden states (logits at scored tokens only)?
         # Held-out samples' values, gathered across ranks at epoch end (means and confidence intervals).
         self.eval_values = torch.nn.ModuleDict({key: CatMetric() for key in self._eval_metric_keys()})
         self.eval_samples: list[dict[str, Any]] = []  # a few held-out responses for report.md
@@ -230,16 +231,40 @@ class L3MModule(L.LightningModule):
         hidden states come along when the objective has a value head.
         """
         sft = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        head = self.scoring_head(sft)
         if rollouts is None:
-            return padded_token_logprobs(self.model, sft), None
+            return padded_token_logprobs(self.model, sft, head=head), None
         pg = (rollouts.input_ids, rollouts.attention_mask, rollouts.labels)
         hidden = self.objective.value_head is not None
         shared = self.shared_prompt_layout(batch, sft, pg, rollouts)
         if shared is not None:
-            return shared_prompt_token_logprobs(self.model, shared, with_hidden=hidden).split(len(sft[0]))
+            return shared_prompt_token_logprobs(self.model, shared, with_hidden=hidden, head=head).split(len(sft[0]))
         if not self.packing_enabled([sft, pg]):
-            return padded_token_logprobs(self.model, sft), padded_token_logprobs(self.model, pg, with_hidden=hidden)
-        return packed_token_logprobs(self.model, pack([sft, pg], self.tokenizer.pad_token_id), with_hidden=hidden).split(len(sft[0]))
+            return padded_token_logprobs(self.model, sft, head=head), padded_token_logprobs(self.model, pg, with_hidden=hidden, head=head)
+        packed = pack([sft, pg], self.tokenizer.pad_token_id)
+        return packed_token_logprobs(self.model, packed, with_hidden=hidden, head=head).split(len(sft[0]))
+
+    def scoring_head(self, batch) -> torch.nn.Module | None:
+        """The output layer, to compute logits at scored tokens only; ``None`` (every position's logits) when it cannot.
+
+        Scored tokens are a fraction of the positions a pass computes (not the prompts, padding or the
+        last token of each row), and each position's logits are a vocabulary-sized row to compute,
+        copy and back-propagate. Used once a batch shows that the model's logits are this layer on its
+        last hidden states (checked once, as packing is); never under sharded parameters, whose output
+        layer is gathered only inside the model's forward.
+        """
+        if self._head_ok is False or params_sharded(self.model, self._trainer):
+            return None
+        head = output_layer(self.model)
+        if head is None:
+            self._head_ok = False
+            return None
+        if self._head_ok is None:
+            ok = torch.tensor(float(head_matches_logits(self.model, head, batch)), device=self.device)
+            if self._trainer is not None:  # every rank takes the same path
+                ok = self.trainer.strategy.reduce(ok, reduce_op="mean")
+            self._head_ok = bool(ok.item() == 1.0)
+        return head if self._head_ok else None
 
     def shared_prompt_layout(self, batch: dict[str, Any], sft, pg, rollouts: Rollouts) -> SharedPrompt | None:
         """The shared-prompt layout of this step's rows when it is on, exact for this model, and cheaper; else ``None``.
@@ -493,7 +518,8 @@ class L3MModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a resumed run does not re-run the packing check's forward passes (dropout draws)
-        checkpoint["l3m"] = {**self.objective.training_state(), "packing_ok": self._packing_ok, "sharing_ok": self._sharing_ok}
+        checkpoint["l3m"] = {**self.objective.training_state(), "packing_ok": self._packing_ok, "sharing_ok": self._sharing_ok,
+                             "head_ok": self._head_ok}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loaded_global_step = int(checkpoint.get("global_step", 0))
@@ -509,6 +535,8 @@ class L3MModule(L.LightningModule):
             self._packing_ok = bool(state["packing_ok"])
         if state.get("sharing_ok") is not None:
             self._sharing_ok = bool(state["sharing_ok"])
+        if state.get("head_ok") is not None:
+            self._head_ok = bool(state["head_ok"])
 
     def on_fit_end(self) -> None:
         """Export the policy and tokenizer with ``save_pretrained`` so any Hugging Face tool loads them."""

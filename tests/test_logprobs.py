@@ -8,7 +8,8 @@ import torch
 from l3m_lightning.constants import IGNORE_INDEX
 from l3m_lightning.embedded.model import build_embedded_model
 from l3m_lightning.logprobs import (
-    first_fit_decreasing, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs, pick, scored_positions, target_logprobs,
+    first_fit_decreasing, head_matches_logits, output_layer, pack, packed_token_logprobs, packing_matches_padding, padded_token_logprobs, pick,
+    scored_positions, target_logprobs,
 )
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
@@ -141,3 +142,85 @@ def test_lengths_drawn_at_random_pack_exactly(tokenizer):
     packed = pack([part], tokenizer.pad_token_id)
     assert int((packed.segment >= 0).sum()) == sum(lengths)
     assert packed.input_ids.numel() < part[0].numel()
+
+
+# --- logits at scored tokens only: the output layer applied to the picked hidden states ------------------------------
+def rows_through(layer: torch.nn.Module) -> list[int]:
+    """A list that collects the number of rows each call of ``layer`` computes logits for."""
+    seen: list[int] = []
+    layer.register_forward_hook(lambda _m, args, _out: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_the_output_layer_on_scored_hidden_states_gives_the_logits_logprobs_and_gradients(parts, tokenizer, layout):
+    """The same log-probs, hidden states and gradients as from the model's own logits; the output layer sees scored rows only."""
+    model = build_embedded_model(tokenizer, TINY, seed=0)
+    head = output_layer(model)
+    assert head is model.lm_head
+
+    def score(with_head: bool):
+        model.zero_grad()
+        given = head if with_head else None
+        if layout == "packed":
+            out = [packed_token_logprobs(model, pack(parts, tokenizer.pad_token_id), with_hidden=True, head=given)]
+        else:
+            out = [padded_token_logprobs(model, part, with_hidden=True, head=given) for part in parts]
+        logp, hidden = torch.cat([o.logp for o in out]), torch.cat([o.hidden for o in out])
+        weights = torch.linspace(0.5, 2.0, len(logp))  # any loss of the log-probs
+        (weights * logp).sum().backward()
+        return logp.detach(), hidden.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full = score(False)
+    seen = rows_through(head)
+    picked = score(True)
+    scored = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, _, labels in parts)
+    assert sum(seen) == scored  # no logits for prompts, padding or row tails
+    torch.testing.assert_close(picked[0], full[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(picked[1], full[1], rtol=0, atol=0)
+    for a, b in zip(picked[2], full[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _SoftCapped(torch.nn.Module):
+    """A causal LM that soft-caps its logits after the output layer (as Gemma 2 does): its head alone scores wrongly."""
+
+    def __init__(self, inner, cap: float = 0.5):
+        super().__init__()
+        self.inner, self.config, self.cap = inner, inner.config, cap
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits = self.cap * torch.tanh(out.logits / self.cap)
+        return out
+
+
+class _NoLogitsToKeep(_SoftCapped):
+    """A causal LM whose forward takes no ``logits_to_keep`` (and does not cap)."""
+
+    def forward(self, logits_to_keep=None, **kwargs):
+        if logits_to_keep is not None:
+            raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+        return self.inner(**kwargs)
+
+
+def test_the_head_check_passes_a_plain_causal_lm_and_catches_transformed_logits(parts, tokenizer):
+    model = build_embedded_model(tokenizer, TINY, seed=0)
+    assert head_matches_logits(model, output_layer(model), parts[0])
+    assert not head_matches_logits(_SoftCapped(model), output_layer(model), parts[0])
+    assert not head_matches_logits(_NoLogitsToKeep(model), output_layer(model), parts[0])
+
+
+@pytest.mark.parametrize("wrapper", [_SoftCapped, _NoLogitsToKeep])
+def test_the_module_scores_every_position_when_the_head_check_fails(parts, tokenizer, wrapper):
+    from toy_problem import tiny_module
+
+    module = tiny_module(sampling={"num_samples": 2}, constraints=[{"name": "length", "threshold": 2, "scale": 4}])
+    module.model = wrapper(module.model)
+    batch = {"input_ids": parts[0][0], "attention_mask": parts[0][1], "labels": parts[0][2]}
+    assert module.scoring_head(parts[0]) is None and module._head_ok is False
+    got, _ = module.policy_logprobs(batch, None)
+    torch.testing.assert_close(got.logp, padded_token_logprobs(module.model, parts[0]).logp, rtol=0, atol=0)

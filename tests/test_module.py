@@ -104,10 +104,13 @@ def test_checkpoint_round_trip_restores_mu_and_learned_multipliers(batch):
         trained.objective.after_optimizer_step()
     checkpoint: dict = {}
     trained.on_save_checkpoint(checkpoint)
-    assert set(checkpoint["l3m"]) == {"mu_schedule", "constraint_ema", "multipliers", "feasibility", "constraints", "packing_ok", "sharing_ok"}
+    assert set(checkpoint["l3m"]) == {"mu_schedule", "constraint_ema", "multipliers", "feasibility", "constraints", "packing_ok", "sharing_ok",
+                                       "head_ok"}
+    assert checkpoint["l3m"]["head_ok"] is True  # the step checked the output layer, and a resumed run need not
 
     resumed = _module(**options)
     resumed.on_load_checkpoint(checkpoint)
+    assert resumed._head_ok is True
     assert resumed.objective.mu_schedule.state_dict() == trained.objective.mu_schedule.state_dict()
     assert torch.equal(resumed.objective.multiplier_rule.lambdas, trained.objective.multiplier_rule.lambdas)
     assert trained.objective.multiplier_rule.lambdas.item() > 0  # the step moved λ off its zero start

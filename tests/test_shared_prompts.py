@@ -61,6 +61,26 @@ def test_shared_pass_gives_the_whole_rows_logprobs_hidden_states_and_gradients(t
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_shared_pass_with_the_output_layer_on_scored_hidden_states_gives_the_same_logprobs_and_gradients(tokenizer, step):
+    from l3m_lightning.logprobs import output_layer
+
+    model = build_embedded_model(tokenizer, GQA, seed=0).train()
+    prompt_ids, prompt_mask, parts = step
+    shared = share_prompts(prompt_ids, prompt_mask, parts, tokenizer.pad_token_id)
+    full = shared_prompt_token_logprobs(model, shared, with_hidden=True)
+    seen: list[int] = []
+    model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    picked = shared_prompt_token_logprobs(model, shared, with_hidden=True, head=output_layer(model))
+    assert sum(seen) == len(full.logp)  # the scored tokens' logits only
+    torch.testing.assert_close(picked.logp, full.logp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(picked.hidden, full.hidden, rtol=0, atol=0)
+    assert torch.equal(picked.sequence, full.sequence)
+    weights = torch.linspace(0.5, 2.0, len(full.logp))
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad((weights * picked.logp).sum(), params), torch.autograd.grad((weights * full.logp).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_shared_layout_computes_each_prompt_once(tokenizer, step):
     prompt_ids, prompt_mask, parts = step
     shared = share_prompts(prompt_ids, prompt_mask, parts, tokenizer.pad_token_id)
