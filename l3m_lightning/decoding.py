@@ -37,6 +37,7 @@ bit for bit; ``onednn=False`` keeps ``F.linear`` everywhere, as the exact draw d
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 
 import torch
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
-    LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
 )
 
 
@@ -65,15 +66,13 @@ def lean_decoding_supported(model: PreTrainedModel) -> bool:
     return "position_ids" in params and "logits_to_keep" in params
 
 
-def logits_processors(temperature: float, top_k: int, top_p: float, min_new_tokens: int = 0, stop_token_ids: list[int] = (),
-                      prompt_length: int = 0, device: torch.device | str = "cpu") -> LogitsProcessorList:
-    """The processors ``generate`` applies when sampling, in its order (none when they are the identity).
+def logits_processors(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """The warpers ``generate`` applies when sampling, in its order (none when they are the identity).
 
-    They read the sequence so far only for its length (min-new-tokens): pass ``[N, prompt_length + step]``-shaped ids.
+    They do not read the sequence so far. ``generate``'s min-new-tokens processor comes before them;
+    ``lean_sample`` applies it as one masking op (the Hugging Face one builds a vocabulary mask at every token).
     """
     warpers = LogitsProcessorList()
-    if min_new_tokens:
-        warpers.append(MinNewTokensLengthLogitsProcessor(prompt_length, min_new_tokens, list(stop_token_ids), device=str(device)))
     if temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))
     if top_k:
@@ -383,14 +382,14 @@ def lean_sample(
     window = attention_window(mask, max_new_tokens) if fast_step is not None else None
     next_position = positions[:, -1:].repeat_interleave(k, dim=0) + 1
     prompt_length = prompt_input_ids.shape[1]
-    processors = logits_processors(temperature, top_k, top_p, min_new_tokens, stop_token_ids, prompt_length, logits.device)
-    # the processors read the sequence so far for its length only: a view of the right shape will do
-    length_only = torch.empty(logits.shape[0], prompt_length + max_new_tokens, dtype=torch.long, device=logits.device)
+    processors = logits_processors(temperature, top_k, top_p)
     stops = torch.tensor(stop_token_ids, device=logits.device)
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        scores = processors(length_only[:, : prompt_length + step], logits) if processors else logits
+        if step < min_new_tokens:  # generate's MinNewTokensLengthLogitsProcessor: no stop token yet
+            logits = logits.index_fill(-1, stops, -math.inf)
+        scores = processors(None, logits) if processors else logits
         probs = torch.softmax(scores, dim=-1)
         token = torch.multinomial(probs, num_samples=1).squeeze(1) if exact_draw else inverse_cdf_draw(probs)
         token = torch.where(unfinished, token, pad_token_id)
