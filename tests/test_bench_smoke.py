@@ -82,3 +82,17 @@ def test_decode_kernels_bench_times_both_matmuls_both_draws_and_both_picks(tmp_p
     assert all(r["f_linear_us"] > 0 and r["onednn_us"] > 0 for r in result["matmuls"])
     assert [r["shape"] for r in result["picks"]] == [[2, 3, 64]] and result["picks"][0]["index_select_us"] > 0
     assert json.loads(out.read_text())["table"] == result["table"]
+
+
+def test_scored_logits_bench_scores_each_batch_both_ways(tmp_path, monkeypatch, single_thread):
+    """bench/scored_logits.py end to end on a tiny model: both ways give the same log-probabilities, JSON written."""
+    bench = _load_bench("scored_logits")
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+    monkeypatch.setitem(bench.MODELS, "tiny", {"module": {"policy": {"config": tiny}, "sampling": {"num_samples": 2, "max_new_tokens": 4}},
+                                               "data": {"batch_size": 2, "embedded_num_prompts": 40, "max_val_rows": 4}})
+    out = tmp_path / "scored.json"
+    result = bench.main(["--models", "tiny", "--batches", "2", "--rounds", "2", "--out", str(out)])
+    (row,) = result["rows"]
+    assert row["passes_each"] == 4 and row["scored_only_s"] > 0 and row["every_position_s"] > 0
+    assert row["max_logp_difference"] < 1e-5 and len(row["sample_lengths"]) == 2
+    assert json.loads(out.read_text())["table"] == result["table"]
