@@ -5,8 +5,8 @@
 The policy pass (``L3MModule.policy_logprobs``: the references' and the samples' log-probabilities,
 then backward) computes logits for the scored tokens alone by default: the model's forward keeps no
 logits and its output layer runs on the scored tokens' hidden states (``logprobs.forward``). The
-alternative is what the pass did before: the model's logits at every position, the scored rows picked
-from them. Each model samples its own responses once per batch (untrained policies: the lengths
+alternative (``model.policy.scored_logits_only: false``) is what the pass did before: the model's logits
+at every position, the scored rows picked from them. Each model samples its own responses once per batch (untrained policies: the lengths
 vary as in training), then each batch is scored both ways in turn, ``--rounds`` times, the order
 alternating. Prints a table and writes ``bench/results/scored_logits.json`` (``--out``): the median
 seconds of each way, their ratio, and the largest difference between the two ways' log-probabilities.
@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,11 @@ def run_model(name: str, batches: int, rounds: int) -> dict[str, Any]:
     k = module.options.sampling.num_samples
     rollouts = [module.sample(b, k) for b in chosen]  # the policy's own samples, once
     module.train()
+    if module.scoring_head((chosen[0]["input_ids"], chosen[0]["attention_mask"], chosen[0]["labels"])) is None:
+        raise SystemExit(f"{name}: the model's logits are not its output layer on its last hidden states; nothing to compare")
 
     def policy_pass(batch, samples, scored_only: bool) -> tuple[float, torch.Tensor]:
-        module._head_ok = scored_only  # the module's own switch: its check passes for these Llama models
+        module.options.policy = replace(module.options.policy, scored_logits_only=scored_only)
         module.model.zero_grad(set_to_none=True)
         started = time.perf_counter()
         sft, pg = module.policy_logprobs(batch, samples)

@@ -244,16 +244,16 @@ class L3MModule(L.LightningModule):
         packed = pack([sft, pg], self.tokenizer.pad_token_id)
         return packed_token_logprobs(self.model, packed, with_hidden=hidden, head=head).split(len(sft[0]))
 
-    def scoring_head(self, batch) -> torch.nn.Module | None:
+    def scoring_head(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.nn.Module | None:
         """The output layer, to compute logits at scored tokens only; ``None`` (every position's logits) when it cannot.
 
-        Scored tokens are a fraction of the positions a pass computes (not the prompts, padding or the
-        last token of each row), and each position's logits are a vocabulary-sized row to compute,
-        copy and back-propagate. Used once a batch shows that the model's logits are this layer on its
+        ``policy.scored_logits_only``. Scored tokens are a fraction of the positions a pass computes (not
+        the prompts, padding or the last token of each row), and each position's logits are a
+        vocabulary-sized row to compute, copy and back-propagate. Used once a batch shows that the model's logits are this layer on its
         last hidden states (checked once, as packing is); never under sharded parameters, whose output
         layer is gathered only inside the model's forward.
         """
-        if self._head_ok is False or params_sharded(self.model, self._trainer):
+        if not self.options.policy.scored_logits_only or self._head_ok is False or params_sharded(self.model, self._trainer):
             return None
         head = output_layer(self.model)
         if head is None:

@@ -78,6 +78,8 @@ class PolicyArgs(_Group):
         share_prompts: score each prompt once for its reference and its K samples (its keys/values
             shared, gradients through them) whenever that computes fewer positions than the packed
             or padded pass; checked once against padded passes. Off under gradient checkpointing.
+        scored_logits_only: logits for the scored tokens only (the output layer on their hidden
+            states), once a batch shows the model's logits are that layer; false: every position's.
         lora: PEFT ``LoraConfig`` fields (e.g. ``{r: 16, lora_alpha: 32}``): train LoRA adapters only.
         merge_lora_on_export: export a plain merged model (true) or just the adapters.
     """
@@ -92,6 +94,7 @@ class PolicyArgs(_Group):
     gradient_checkpointing: bool = False
     fused_forward: bool = True
     share_prompts: bool = True
+    scored_logits_only: bool = True
     lora: dict[str, Any] | None = None
     merge_lora_on_export: bool = True
 

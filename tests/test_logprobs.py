@@ -224,3 +224,19 @@ def test_the_module_scores_every_position_when_the_head_check_fails(parts, token
     assert module.scoring_head(parts[0]) is None and module._head_ok is False
     got, _ = module.policy_logprobs(batch, None)
     torch.testing.assert_close(got.logp, padded_token_logprobs(module.model, parts[0]).logp, rtol=0, atol=0)
+
+
+def test_scored_logits_only_false_scores_every_position(parts, tokenizer):
+    """``model.policy.scored_logits_only: false``: the model's own logits at every position, as before (and no check runs)."""
+    from toy_problem import tiny_module
+
+    module = tiny_module(policy={"scored_logits_only": False})
+    batch = {"input_ids": parts[0][0], "attention_mask": parts[0][1], "labels": parts[0][2]}
+    seen = rows_through(output_layer(module.model))
+    module.policy_logprobs(batch, None)
+    assert seen == [parts[0][0].numel()] and module._head_ok is None
+    module.options.policy = type(module.options.policy)(**{**vars(module.options.policy), "scored_logits_only": True})
+    seen.clear()
+    module.policy_logprobs(batch, None)
+    scored = int((parts[0][2][:, 1:] != IGNORE_INDEX).sum())
+    assert module._head_ok is True and seen[-1] == scored  # after the check's own passes: the scored rows only
