@@ -9,6 +9,8 @@
   ``chosen`` is what ``LlamaDecodeStep`` takes for that shape (``ONEDNN_MIN_WEIGHT_ELEMENTS``).
 * the draw: ``decoding.inverse_cdf_draw`` with one float64 CDF (``block=0``) against two levels
   (``block=CDF_BLOCK``), per token for N rows of a V-entry vocabulary; ``chosen`` is the automatic pick.
+* holding back stop tokens under ``min_new_tokens``: transformers' processor (what the sampler ran
+  before ``bcc4137``) against the sampler's one ``index_fill``, per token for N rows of a V-entry vocabulary.
 * the pick: the policy pass's log-probabilities of the scored tokens, forward and backward, from a
   ``[rows, positions, vocabulary]`` logits tensor with 80% of its positions scored: boolean
   indexing (``logits[scored]``, before ``531b68b``) against ``logprobs.pick`` (``index_select``,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -92,6 +95,26 @@ def draw_rows(repeats: int) -> list[dict]:
     return out
 
 
+def hold_back_rows(repeats: int) -> list[dict]:
+    """``min_new_tokens`` for one token: transformers' processor in a ``LogitsProcessorList`` (what the sampler ran
+    before ``bcc4137``) against the sampler's one masking op; the same scores either way."""
+    from transformers.generation.logits_process import LogitsProcessorList, MinNewTokensLengthLogitsProcessor
+
+    out = []
+    for vocab, n in VOCABS:
+        logits = torch.randn(n, vocab)
+        stop_ids = [vocab - 1, vocab - 2]
+        processors = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(20, 32, stop_ids, device="cpu")])
+        so_far = torch.empty(n, 25, dtype=torch.long)  # the processor reads the sequence's length only
+        stops = torch.tensor(stop_ids)
+        if not torch.equal(processors(so_far, logits), logits.index_fill(-1, stops, -math.inf)):
+            raise SystemExit("the masking op and transformers' processor disagree")
+        hf = median_us(lambda: processors(so_far, logits), repeats)
+        fill = median_us(lambda: logits.index_fill(-1, stops, -math.inf), repeats)
+        out.append({"vocab": vocab, "rows": n, "processor_us": hf, "index_fill_us": fill, "speedup": hf / fill})
+    return out
+
+
 def pick_rows(repeats: int) -> list[dict]:
     out = []
     for name, rows, positions, vocab in LOGITS:
@@ -116,7 +139,7 @@ def pick_rows(repeats: int) -> list[dict]:
     return out
 
 
-def table(matmuls: list[dict], draws: list[dict], picks: list[dict]) -> str:
+def table(matmuls: list[dict], draws: list[dict], holds: list[dict], picks: list[dict]) -> str:
     lines = [f"{'matmul':<18}{'weight':>12}{'rows':>6}{'F.linear us':>13}{'oneDNN us':>11}{'GB/s':>13}{'speed-up':>10}  chosen"]
     for r in matmuls:
         gbs = f"{r['f_linear_gb_s']:.1f}/{r['onednn_gb_s']:.1f}"
@@ -126,6 +149,10 @@ def table(matmuls: list[dict], draws: list[dict], picks: list[dict]) -> str:
     for r in draws:
         lines.append(f"{'inverse CDF':<18}{r['vocab']:>12}{r['rows']:>6}{r['one_cdf_us']:>13.1f}{r['two_level_us']:>11.1f}{'':>13}"
                      f"{r['speedup']:>9.2f}x  {r['chosen']}")
+    lines += ["", f"{'min_new_tokens':<18}{'vocab':>12}{'rows':>6}{'processor us':>13}{'mask us':>11}{'':>13}{'speed-up':>10}"]
+    for r in holds:
+        lines.append(f"{'hold back stops':<18}{r['vocab']:>12}{r['rows']:>6}{r['processor_us']:>13.1f}{r['index_fill_us']:>11.1f}{'':>13}"
+                     f"{r['speedup']:>9.2f}x")
     lines += ["", f"{'pick, fwd+bwd':<18}{'logits':>16}{'boolean ms':>12}{'index_select ms':>17}{'speed-up':>10}"]
     for r in picks:
         lines.append(f"{r['logits']:<18}{'x'.join(map(str, r['shape'])):>16}{r['boolean_us'] / 1e3:>12.2f}{r['index_select_us'] / 1e3:>17.2f}"
@@ -143,13 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("this torch build has no oneDNN matmul (torch.ops.mkldnn._linear_pointwise): nothing to compare")
     matmuls = [r for rows in args.rows for r in matmul_rows(rows, args.repeats)]
     draws = draw_rows(args.repeats * 5)
+    holds = hold_back_rows(args.repeats * 5)
     picks = pick_rows(args.repeats)
-    text = table(matmuls, draws, picks)
+    text = table(matmuls, draws, holds, picks)
     print(text)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"meta": {"date": date.today().isoformat(), "commit": commit, "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "platform": platform.platform(), "command": "python bench/decode_kernels.py " + " ".join(argv or sys.argv[1:])},
-              "matmuls": matmuls, "draws": draws, "picks": picks, "table": text}
+              "matmuls": matmuls, "draws": draws, "hold_back": holds, "picks": picks, "table": text}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

@@ -81,6 +81,8 @@ def test_decode_kernels_bench_times_both_matmuls_both_draws_and_both_picks(tmp_p
     assert [r["chosen"] for r in result["draws"]] == ["one CDF", f"blocks of {bench.decoding.CDF_BLOCK}"]
     assert all(r["f_linear_us"] > 0 and r["onednn_us"] > 0 for r in result["matmuls"])
     assert [r["shape"] for r in result["picks"]] == [[2, 3, 64]] and result["picks"][0]["index_select_us"] > 0
+    assert [r["vocab"] for r in result["hold_back"]] == [64, bench.decoding.FLAT_CDF_MAX_VOCAB + 1]
+    assert all(r["processor_us"] > 0 and r["index_fill_us"] > 0 for r in result["hold_back"])
     assert json.loads(out.read_text())["table"] == result["table"]
 
 
