@@ -4,7 +4,7 @@
 
 The policy pass (``L3MModule.policy_logprobs``: the references' and the samples' log-probabilities,
 then backward) computes logits for the scored tokens alone by default: the model's forward keeps no
-logits and its output layer runs on the scored tokens' hidden states (``logprobs.forward``). The
+logits and its output layer runs on the scored tokens' hidden states (``logprobs.scoring_forward``). The
 alternative (``model.policy.scored_logits_only: false``) is what the pass did before: the model's logits
 at every position, the scored rows picked from them. Each model samples its own responses once per batch (untrained policies: the lengths
 vary as in training), then each batch is scored both ways in turn, ``--rounds`` times, the order

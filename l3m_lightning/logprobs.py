@@ -141,7 +141,7 @@ def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     return layer if isinstance(layer, torch.nn.Module) else None
 
 
-def forward(model: torch.nn.Module, head: torch.nn.Module | None, with_hidden: bool, **inputs) -> Any:
+def scoring_forward(model: torch.nn.Module, head: torch.nn.Module | None, with_hidden: bool, **inputs) -> Any:
     """The model's output. With ``head``: every hidden state and no logits (``logits_to_keep`` selects no position);
     the caller applies ``head`` to the scored tokens' hidden states alone, as TRL keeps only a completion's logits.
     No logits are then computed, copied or back-propagated for prompts, padding or the last token of a row.
@@ -158,7 +158,7 @@ def no_positions(device: torch.device) -> torch.Tensor:
 
 def _scored(model: torch.nn.Module, targets: torch.Tensor, segment: torch.Tensor, num_sequences: int, with_hidden: bool,
             head: torch.nn.Module | None, **inputs) -> TokenLogprobs:
-    out = forward(model, head, with_hidden, use_cache=False, **inputs)
+    out = scoring_forward(model, head, with_hidden, use_cache=False, **inputs)
     # log-softmax only where a token is scored (prompts, padding and row tails are skipped)
     positions = scored_positions(targets != IGNORE_INDEX)
     hidden = pick(out.hidden_states[-1], positions) if with_hidden or head is not None else None
@@ -168,7 +168,7 @@ def _scored(model: torch.nn.Module, targets: torch.Tensor, segment: torch.Tensor
 
 
 def packed_token_logprobs(model: torch.nn.Module, packed: Packed, with_hidden: bool = False, head: torch.nn.Module | None = None) -> TokenLogprobs:
-    """One padding-free forward pass over every packed sequence (``head``: see ``forward``)."""
+    """One padding-free forward pass over every packed sequence (``head``: see ``scoring_forward``)."""
     return _scored(model, packed.targets, packed.segment, packed.num_sequences, with_hidden, head,
                    input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None)
 
@@ -298,7 +298,7 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, w
                                  head: torch.nn.Module | None = None) -> TokenLogprobs:
     """One forward over the prompts (their cache kept, with gradient), then one per part over its responses on that cache.
 
-    ``head``: logits of the scored tokens only, from their hidden states (see ``forward``).
+    ``head``: logits of the scored tokens only, from their hidden states (see ``scoring_forward``).
     """
     from transformers import DynamicCache
 
@@ -315,7 +315,7 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, w
     logps, sequences, hiddens, offset = [], [], [], 0
     for part in shared.parts:
         rows, r = part.prompt_index, part.ids.shape[1]
-        out = forward(model, head, with_hidden, input_ids=part.ids, attention_mask=torch.cat([mask[rows], part.mask], dim=1),
+        out = scoring_forward(model, head, with_hidden, input_ids=part.ids, attention_mask=torch.cat([mask[rows], part.mask], dim=1),
                       position_ids=prompt_len[rows].unsqueeze(1) + torch.arange(r, device=mask.device),
                       use_cache=True, **{cache_name: _cache_rows(cache, rows)})
         positions = scored_positions(part.mask.bool())

@@ -227,8 +227,9 @@ class L3MModule(L.LightningModule):
         With ``policy.share_prompts`` each prompt goes through the model once for its reference and its
         K samples (a shared cache: logprobs.py) whenever that computes fewer positions than the
         alternative. Otherwise, with ``policy.fused_forward``, both sets go through one padding-free
-        pass: one forward/backward instead of two, and no compute on padding. The samples' last
-        hidden states come along when the objective has a value head.
+        pass: one forward/backward instead of two, and no compute on padding. Either way, with
+        ``policy.scored_logits_only`` the logits are computed for the scored tokens alone
+        (``scoring_head``). The samples' last hidden states come along when the objective has a value head.
         """
         sft = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         head = self.scoring_head(sft)
