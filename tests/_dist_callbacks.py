@@ -65,6 +65,7 @@ class LambdaDump(L.Callback):
             "generation_all_gathers": self._gathers,
             "fsdp_modules": len(fsdp2_modules(pl_module.model)),
             "sampled_rows": len(step.costs[0]),
+            "scored_logits_only": pl_module.scoring_head((batch["input_ids"], batch["attention_mask"], batch["labels"])) is not None,
         })
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.records))

@@ -118,6 +118,7 @@ def _check_lambda_against_union(rank0: list[dict], rank1: list[dict], min_steps:
 def test_ddp_lambda_identical_across_ranks_and_equal_to_union(ddp_run):
     rank0, rank1 = _dumps(ddp_run / "dump")
     assert rank0[0]["strategy"] == "DDPStrategy" and not rank0[0]["sharded"]
+    assert all(r["scored_logits_only"] for r in rank0 + rank1)  # the ranks agreed on the output-layer check
     _check_lambda_against_union(rank0, rank1)
 
 
@@ -126,6 +127,7 @@ def test_fsdp2_lambda_identical_across_ranks_and_equal_to_union(fsdp2_run):
     tmp_path = fsdp2_run[0]
     rank0, rank1 = _dumps(tmp_path / "dump")
     assert rank0[0]["strategy"] == "ModelParallelStrategy" and rank0[0]["sharded"] and rank1[0]["sharded"]
+    assert not any(r["scored_logits_only"] for r in rank0 + rank1)  # sharded parameters keep the full logits
     _check_lambda_against_union(rank0, rank1)
 
 
