@@ -261,10 +261,7 @@ class L3MModule(L.LightningModule):
             self._head_ok = False
             return None
         if self._head_ok is None:
-            ok = torch.tensor(float(head_matches_logits(self.model, head, batch)), device=self.device)
-            if self._trainer is not None:  # every rank takes the same path
-                ok = self.trainer.strategy.reduce(ok, reduce_op="mean")
-            self._head_ok = bool(ok.item() == 1.0)
+            self._head_ok = self.on_every_rank(head_matches_logits(self.model, head, batch))
         return head if self._head_ok else None
 
     def shared_prompt_layout(self, batch: dict[str, Any], sft, pg, rollouts: Rollouts) -> SharedPrompt | None:
@@ -282,31 +279,32 @@ class L3MModule(L.LightningModule):
             alternative = int(sft[1].sum() + pg[1].sum())
         else:
             alternative = sft[0].numel() + pg[0].numel()
-        use = shared is not None and shared.tokens() < alternative
-        if self._trainer is not None and self.trainer.world_size > 1:  # one tensor and sync only where ranks must agree
-            use = self.trainer.strategy.reduce(torch.tensor(float(use), device=self.device), reduce_op="mean").item() == 1.0
-        if not use:
+        if not self.on_every_rank(shared is not None and shared.tokens() < alternative):
             return None
         if self._sharing_ok is None:
-            ok = torch.tensor(float(sharing_matches_padding(self.model, shared, [sft, pg])), device=self.device)
-            if self._trainer is not None:
-                ok = self.trainer.strategy.reduce(ok, reduce_op="mean")
-            self._sharing_ok = bool(ok.item() == 1.0)
+            self._sharing_ok = self.on_every_rank(sharing_matches_padding(self.model, shared, [sft, pg]))
             if not self._sharing_ok:
                 rank_zero_warn(f"model.policy.share_prompts: {type(self.model).__name__} does not score a response on its prompt's "
                                "cache as it scores the whole row; scoring whole rows instead")
                 return None
         return shared
 
+    def on_every_rank(self, flag: bool) -> bool:
+        """``flag`` held on every rank: every rank must take the same path (FSDP forwards are collective).
+
+        One process (or no trainer): ``flag`` itself, with no tensor and no device sync.
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            return bool(flag)
+        agreed = self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device), reduce_op="mean")
+        return bool(agreed.item() == 1.0)
+
     def packing_enabled(self, parts) -> bool:
         """``policy.fused_forward``, once the model is seen to honour packed position ids (checked on the first batch)."""
         if not self.options.policy.fused_forward:
             return False
         if self._packing_ok is None:
-            ok = torch.tensor(float(packing_matches_padding(self.model, parts, self.tokenizer.pad_token_id)), device=self.device)
-            if self._trainer is not None:  # every rank must take the same path: FSDP forwards are collective
-                ok = self.trainer.strategy.reduce(ok, reduce_op="mean")
-            self._packing_ok = bool(ok.item() == 1.0)
+            self._packing_ok = self.on_every_rank(packing_matches_padding(self.model, parts, self.tokenizer.pad_token_id))
             if not self._packing_ok:
                 rank_zero_warn(f"model.policy.fused_forward: {type(self.model).__name__} attends across packed sequences "
                                "(it ignores position_ids restarts); using two padded passes instead")
