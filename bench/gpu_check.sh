@@ -18,10 +18,14 @@
 #   bash bench/gpu_check.sh                       # all visible GPUs, all phases
 #   DEVICES=1 PHASES=throughput bash bench/gpu_check.sh
 #   overrides: DEVICES STEPS BATCH NUM_SAMPLES MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR PRECISION MODEL_CONFIG PHASES
-#              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP SAMPLER_CONFIG
+#              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP SAMPLER_CONFIG WHEELS PREFLIGHT_TIMEOUT PYTHON
+# Before any phase, a preflight imports the stack (torch first on its own, then with WHEELS on the path)
+# and touches the GPU, each step under PREFLIGHT_TIMEOUT s: a hang there costs a minute, not a phase's timeout.
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
 # Measured on one H200 (2026-11-27): the first three phases PASS; numbers in docs/results.md ("GPU check").
-# The sampler phase (2026-11-29) has run only as a CPU dry run: no GPU was lent since.
+# The sampler phase (2026-11-29) has run only as a CPU dry run. On the device's image, which lacks
+# jsonargparse, datasets and torchdata: `bash bench/device_wheels.sh` here, then on the device
+#   WHEELS=.whl DEVICES=1 PHASES=sampler bash bench/gpu_check.sh      (carry: [".whl"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -40,6 +44,9 @@ PHASES=${PHASES:-"throughput resume fsdp2 sampler"}
 SAMPLER_CONFIG=${SAMPLER_CONFIG:-122m}   # a CPU dry run: SAMPLER_CONFIG=embedded ACCELERATOR=cpu
 FIT_TIMEOUT=${FIT_TIMEOUT:-300}
 WARMUP=${WARMUP:-2}
+WHEELS=${WHEELS:-}                       # a folder of wheels to install first (bench/device_wheels.sh)
+PREFLIGHT_TIMEOUT=${PREFLIGHT_TIMEOUT:-120}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}   # the device's image has python3 only
 MODEL_CONFIG=${MODEL_CONFIG:-"{hidden_size: 768, intermediate_size: 3328, num_hidden_layers: 12, num_attention_heads: 12, num_key_value_heads: 12}"}
 FSDP1="{class_path: lightning.pytorch.strategies.FSDPStrategy, init_args: {auto_wrap_policy: [transformers.models.llama.modeling_llama.LlamaDecoderLayer], state_dict_type: sharded}}"
 FSDP2="{class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: {tensor_parallel_size: 1}}"
@@ -50,9 +57,35 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 declare -A VERDICT
 
+preflight() {  # the stack imports and the accelerator answers, each step within PREFLIGHT_TIMEOUT s
+  echo "=== preflight ($PYTHON) ==="
+  local step
+  for step in "import torch; print('torch', torch.__version__)" \
+              "import torch; print('accelerator', torch.cuda.get_device_name(0) if '$ACCELERATOR' != 'cpu' else 'cpu', torch.ones(1, device='cuda' if '$ACCELERATOR' != 'cpu' else 'cpu').item())" \
+              "install" \
+              "import transformers, lightning, datasets, jsonargparse, torchdata, l3m_lightning.module; print('transformers', transformers.__version__, 'lightning', lightning.__version__, 'datasets', datasets.__version__)"; do
+    if [[ $step == install ]]; then
+      [[ -z $WHEELS ]] && continue
+      local site; site="$(cd "$OUT" && pwd)/site"
+      "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl || return 1
+      echo "installed into $site: $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
+      export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+      continue
+    fi
+    local t0=$SECONDS
+    timeout -k 5 "$PREFLIGHT_TIMEOUT" "$PYTHON" -X faulthandler -c "import faulthandler; faulthandler.dump_traceback_later(0.9 * $PREFLIGHT_TIMEOUT, exit=True)
+$step" || { echo "preflight step failed or hung (> $PREFLIGHT_TIMEOUT s): $step" | cut -c1-160; return 1; }
+    echo "  ($((SECONDS - t0)) s)"
+  done
+}
+if ! preflight; then
+  echo "PHASE preflight: FAIL (no phase run)"
+  exit 1
+fi
+
 fit() {  # common flags for every phase; extra flags follow. A run that hangs is killed after FIT_TIMEOUT s.
   echo "[$(date +%T)] fit $*" | cut -c1-200
-  timeout -s USR2 -k 20 "$FIT_TIMEOUT" python cli.py fit --config configs/quickstart.yaml \
+  timeout -s USR2 -k 20 "$FIT_TIMEOUT" "$PYTHON" cli.py fit --config configs/quickstart.yaml \
     --trainer.accelerator "$ACCELERATOR" --trainer.devices "$DEVICES" --trainer.precision "$PRECISION" \
     --trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0 --trainer.enable_progress_bar false \
     --trainer.log_every_n_steps 1 \
@@ -61,7 +94,7 @@ fit() {  # common flags for every phase; extra flags follow. A run that hangs is
 }
 
 export_loads() {  # the exported hf_model (full state dict gathered from the shards) loads with transformers
-  python -c "import sys; from transformers import AutoModelForCausalLM as M; m = M.from_pretrained(sys.argv[1]); \
+  "$PYTHON" -c "import sys; from transformers import AutoModelForCausalLM as M; m = M.from_pretrained(sys.argv[1]); \
 print(f'exported hf_model loads: {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters, {m.config.num_hidden_layers} layers')" "$1"
 }
 
@@ -72,7 +105,7 @@ if [[ " $PHASES " == *" throughput "* ]]; then
     --trainer.callbacks "[{class_path: bench.gpu_throughput.ThroughputReport, init_args: {warmup_steps: 5, $PEAK out: $OUT/throughput.json}}]" \
     --model.export_dir "$OUT/hf_model" \
   && export_loads "$OUT/hf_model" \
-  && python - "$OUT" <<'PY'
+  && "$PYTHON" - "$OUT" <<'PY'
 import json, sys
 report = json.load(open(f"{sys.argv[1]}/throughput.json"))
 print(f"tokens/s (trained): {report['tokens_per_s_trained']:.0f}   tokens/s (sampled): {report['tokens_per_s_sampled']:.0f}   MFU: {report['mfu']}")
@@ -91,7 +124,7 @@ if [[ " $PHASES " == *" resume "* ]]; then
   }
   resume_fit --trainer.max_steps 12 \
   && resume_fit --trainer.max_steps 18 --ckpt_path last \
-  && python - "$RES" "$WARMUP" <<'PY'
+  && "$PYTHON" - "$RES" "$WARMUP" <<'PY'
 import glob, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 runs = sorted(glob.glob(f"{sys.argv[1]}/quickstart/version_*"))
@@ -126,10 +159,10 @@ fi
 if [[ " $PHASES " == *" sampler "* ]]; then
   echo "=== phase sampler ==="
   SAMPLER_DEVICE=$([[ $ACCELERATOR == cpu ]] && echo cpu || echo cuda)
-  timeout -k 20 "$FIT_TIMEOUT" python bench/step_time.py --configs "$SAMPLER_CONFIG" --device "$SAMPLER_DEVICE" --dtype bfloat16 \
+  timeout -k 20 "$FIT_TIMEOUT" "$PYTHON" bench/step_time.py --configs "$SAMPLER_CONFIG" --device "$SAMPLER_DEVICE" --dtype bfloat16 \
     --batch-size "$BATCH" --num-samples "$NUM_SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" --steps 5 --warmup 2 --fit-steps 0 \
     --out "$OUT/step_time.json" \
-  && python - "$OUT" <<'PY'
+  && "$PYTHON" - "$OUT" <<'PY'
 import json, sys
 (r,) = json.load(open(f"{sys.argv[1]}/step_time.json"))["results"]
 tokens, ms = r["sampled_tokens"], r["ms"]

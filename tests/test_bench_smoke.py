@@ -1,9 +1,13 @@
-"""The benches still run against the current code: bench/step_time.py (one tiny timed step) and bench/vs_trl.py
-(a tiny model through both tools; skipped without trl). No targets or timings are checked."""
+"""The benches still run against the current code: bench/step_time.py (one tiny timed step), bench/vs_trl.py
+(a tiny model through both tools; skipped without trl), the decode-kernels and scored-logits benches, and
+bench/gpu_check.sh as a CPU dry run (its preflight too). No targets or timings are checked."""
 
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -98,3 +102,51 @@ def test_scored_logits_bench_scores_each_batch_both_ways(tmp_path, monkeypatch, 
     assert row["passes_each"] == 4 and row["scored_only_s"] > 0 and row["every_position_s"] > 0
     assert row["max_logp_difference"] < 1e-5 and len(row["sample_lengths"]) == 2
     assert json.loads(out.read_text())["table"] == result["table"]
+
+
+def _gpu_check(tmp_path, **env) -> subprocess.CompletedProcess:
+    """bench/gpu_check.sh as a CPU dry run (its documented overrides), output under ``tmp_path``."""
+    settings = {"ACCELERATOR": "cpu", "STRATEGY": "auto", "DEVICES": "1", "SAMPLER_CONFIG": "embedded", "BATCH": "2",
+                "NUM_SAMPLES": "2", "MAX_NEW_TOKENS": "4", "OUT": str(tmp_path / "gpu_check"), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={**os.environ, **settings}, timeout=600)
+
+
+def test_gpu_check_stops_at_a_hung_preflight_before_any_phase(tmp_path):
+    """A preflight step that hangs is cut at PREFLIGHT_TIMEOUT and no phase runs (a lease is not spent on a phase's timeout)."""
+    hung = tmp_path / "hung_python"
+    hung.write_text("#!/bin/sh\nsleep 60\n")
+    hung.chmod(0o755)
+    run = _gpu_check(tmp_path, PYTHON=str(hung), PREFLIGHT_TIMEOUT="2", PHASES="sampler")
+    assert run.returncode == 1
+    assert "preflight step failed or hung (> 2 s): import torch" in run.stdout
+    assert "PHASE preflight: FAIL (no phase run)" in run.stdout and "=== phase" not in run.stdout
+
+
+def _tiny_wheel(folder: Path) -> Path:
+    """A pure-Python wheel of one module, ``l3m_wheel_probe``, as pip installs it."""
+    name = "l3m_wheel_probe"
+    path = folder / f"{name}-0.1-py3-none-any.whl"
+    files = {f"{name}.py": "VALUE = 1\n",
+             f"{name}-0.1.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+             f"{name}-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{f},,\n" for f in files) + f"{name}-0.1.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for f, text in {**files, f"{name}-0.1.dist-info/RECORD": record}.items():
+            wheel.writestr(f, text)
+    return path
+
+
+@pytest.mark.slow
+def test_gpu_check_sampler_phase_dry_run_installs_wheels_and_passes(tmp_path):
+    """The sampler phase end to end on CPU, with WHEELS installed by the preflight into OUT/site and put on the path."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _tiny_wheel(wheels)
+    run = _gpu_check(tmp_path, WHEELS=str(wheels), PHASES="sampler")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "=== preflight" in run.stdout and "accelerator cpu" in run.stdout and "datasets" in run.stdout
+    assert (tmp_path / "gpu_check" / "site" / "l3m_wheel_probe.py").exists()
+    assert "sampled tokens/s: lean" in run.stdout and "PHASE sampler: PASS" in run.stdout
+    (result,) = json.loads((tmp_path / "gpu_check" / "step_time.json").read_text())["results"]
+    assert result["config"] == "embedded" and result["sampled_tokens"] == 2 * 2 * 4
