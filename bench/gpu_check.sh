@@ -20,7 +20,7 @@
 #   overrides: DEVICES STEPS BATCH NUM_SAMPLES MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR PRECISION MODEL_CONFIG PHASES
 #              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP SAMPLER_CONFIG WHEELS PREFLIGHT_TIMEOUT PYTHON
 # Before any phase, a preflight imports the stack (torch first on its own, then with WHEELS on the path)
-# and touches the GPU, each step under PREFLIGHT_TIMEOUT s: a hang there costs a minute, not a phase's timeout.
+# and touches the GPU, each step under PREFLIGHT_TIMEOUT s: a hang there costs that, not a phase's timeout.
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
 # Measured on one H200 (2026-11-27): the first three phases PASS; numbers in docs/results.md ("GPU check").
 # The sampler phase (2026-11-29) has run only as a CPU dry run. On the device's image, which lacks
@@ -46,7 +46,7 @@ FIT_TIMEOUT=${FIT_TIMEOUT:-300}
 WARMUP=${WARMUP:-2}
 WHEELS=${WHEELS:-}                       # a folder of wheels to install first (bench/device_wheels.sh)
 PREFLIGHT_TIMEOUT=${PREFLIGHT_TIMEOUT:-120}
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}   # the device's image has python3 only
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}   # python3: the one that holds torch on the device's image
 MODEL_CONFIG=${MODEL_CONFIG:-"{hidden_size: 768, intermediate_size: 3328, num_hidden_layers: 12, num_attention_heads: 12, num_key_value_heads: 12}"}
 FSDP1="{class_path: lightning.pytorch.strategies.FSDPStrategy, init_args: {auto_wrap_policy: [transformers.models.llama.modeling_llama.LlamaDecoderLayer], state_dict_type: sharded}}"
 FSDP2="{class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: {tensor_parallel_size: 1}}"
