@@ -57,26 +57,29 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 declare -A VERDICT
 
-preflight() {  # the stack imports and the accelerator answers, each step within PREFLIGHT_TIMEOUT s
+TORCH_DEVICE=$([[ $ACCELERATOR == cpu ]] && echo cpu || echo cuda)
+
+preflight_step() {  # one Python snippet within PREFLIGHT_TIMEOUT s; its stacks are dumped before it is cut
+  local t0=$SECONDS
+  timeout -k 5 "$PREFLIGHT_TIMEOUT" "$PYTHON" -X faulthandler -c "import faulthandler; faulthandler.dump_traceback_later(0.9 * $PREFLIGHT_TIMEOUT, exit=True)
+$1" || { echo "preflight step failed or hung (> $PREFLIGHT_TIMEOUT s): $1" | cut -c1-160; return 1; }
+  echo "  ($((SECONDS - t0)) s)"
+}
+
+install_wheels() {  # WHEELS into $OUT/site, put first on PYTHONPATH
+  [[ -z $WHEELS ]] && return 0
+  local site; site="$(cd "$OUT" && pwd)/site"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl || return 1
+  echo "installed into $site: $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
+  export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+}
+
+preflight() {  # torch alone, the accelerator, then (wheels installed) the whole stack
   echo "=== preflight ($PYTHON) ==="
-  local step
-  for step in "import torch; print('torch', torch.__version__)" \
-              "import torch; print('accelerator', torch.cuda.get_device_name(0) if '$ACCELERATOR' != 'cpu' else 'cpu', torch.ones(1, device='cuda' if '$ACCELERATOR' != 'cpu' else 'cpu').item())" \
-              "install" \
-              "import transformers, lightning, datasets, jsonargparse, torchdata, l3m_lightning.module; print('transformers', transformers.__version__, 'lightning', lightning.__version__, 'datasets', datasets.__version__)"; do
-    if [[ $step == install ]]; then
-      [[ -z $WHEELS ]] && continue
-      local site; site="$(cd "$OUT" && pwd)/site"
-      "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl || return 1
-      echo "installed into $site: $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
-      export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
-      continue
-    fi
-    local t0=$SECONDS
-    timeout -k 5 "$PREFLIGHT_TIMEOUT" "$PYTHON" -X faulthandler -c "import faulthandler; faulthandler.dump_traceback_later(0.9 * $PREFLIGHT_TIMEOUT, exit=True)
-$step" || { echo "preflight step failed or hung (> $PREFLIGHT_TIMEOUT s): $step" | cut -c1-160; return 1; }
-    echo "  ($((SECONDS - t0)) s)"
-  done
+  preflight_step "import torch; print('torch', torch.__version__)" \
+  && preflight_step "import torch; t = torch.ones(1, device='$TORCH_DEVICE'); print('accelerator', torch.cuda.get_device_name(0) if t.is_cuda else 'cpu', t.item())" \
+  && install_wheels \
+  && preflight_step "import transformers, lightning, datasets, jsonargparse, torchdata, l3m_lightning.module; print('transformers', transformers.__version__, 'lightning', lightning.__version__, 'datasets', datasets.__version__)"
 }
 if ! preflight; then
   echo "PHASE preflight: FAIL (no phase run)"
@@ -158,8 +161,7 @@ fi
 
 if [[ " $PHASES " == *" sampler "* ]]; then
   echo "=== phase sampler ==="
-  SAMPLER_DEVICE=$([[ $ACCELERATOR == cpu ]] && echo cpu || echo cuda)
-  timeout -k 20 "$FIT_TIMEOUT" "$PYTHON" bench/step_time.py --configs "$SAMPLER_CONFIG" --device "$SAMPLER_DEVICE" --dtype bfloat16 \
+  timeout -k 20 "$FIT_TIMEOUT" "$PYTHON" bench/step_time.py --configs "$SAMPLER_CONFIG" --device "$TORCH_DEVICE" --dtype bfloat16 \
     --batch-size "$BATCH" --num-samples "$NUM_SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" --steps 5 --warmup 2 --fit-steps 0 \
     --out "$OUT/step_time.json" \
   && "$PYTHON" - "$OUT" <<'PY'
