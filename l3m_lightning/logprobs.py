@@ -242,6 +242,9 @@ class SharedPrompt:
     prompt_input_ids: torch.Tensor  # [B, P] left-padded
     prompt_attention_mask: torch.Tensor  # [B, P]
     parts: list[Responses]
+    #: part 0 is one response per prompt, in the prompts' order (the references): it rides in the prompts' forward,
+    #: one forward call fewer (on a small model a call's fixed cost is much of its time)
+    first_part_with_prompts: bool = False
 
     def tokens(self) -> int:
         """Positions the forward passes compute (what the module weighs against packing)."""
@@ -271,7 +274,10 @@ def share_prompts(prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.T
         checks.append(((count > 0) & (first == n.squeeze(1)) & (last - first + 1 == count) & same_prompt.all(dim=1)).all())
         longest.append(count.max())
         gathered.append((input_ids, n, count, prompt_of_row))
-    ok, *widths = torch.stack([torch.stack(checks).all().long(), *longest]).tolist()
+    first_rows = parts[0][1]  # part 0 one row per prompt, in order? then it can ride in the prompts' forward
+    in_order = (first_rows == torch.arange(len(first_rows), device=first_rows.device)).all() if len(first_rows) == len(prompt_len) \
+        else first_rows.new_zeros(())
+    ok, first_in_order, *widths = torch.stack([torch.stack(checks).all().long(), in_order.long(), *longest]).tolist()
     if not ok:
         return None
     laid_out = []
@@ -280,17 +286,17 @@ def share_prompts(prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.T
         mask = (offsets < count.unsqueeze(1)).long()
         ids = input_ids.gather(1, (n + offsets).clamp(max=input_ids.shape[1] - 1)).masked_fill(mask == 0, pad_token_id)
         laid_out.append(Responses(ids, mask, prompt_of_row.to(prompt_input_ids.device)))
-    return SharedPrompt(prompt_input_ids, prompt_attention_mask, laid_out)
+    return SharedPrompt(prompt_input_ids, prompt_attention_mask, laid_out, first_part_with_prompts=bool(first_in_order))
 
 
-def _cache_rows(cache, rows: torch.Tensor):
-    """A cache holding ``rows`` of ``cache``'s batch (indexing keeps the gradient; ``cache`` itself is left as it is)."""
+def _cache_rows(cache, rows: torch.Tensor, length: int):
+    """A cache holding ``rows`` of ``cache``'s batch, its first ``length`` positions (indexing keeps the gradient; ``cache`` itself is left as it is)."""
     import copy
 
     selected = copy.copy(cache)
     selected.layers = [copy.copy(layer) for layer in cache.layers]
     for layer in selected.layers:
-        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        layer.keys, layer.values = layer.keys[rows, :, :length], layer.values[rows, :, :length]
     return selected
 
 
@@ -298,6 +304,8 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, w
                                  head: torch.nn.Module | None = None) -> TokenLogprobs:
     """One forward over the prompts (their cache kept, with gradient), then one per part over its responses on that cache.
 
+    With ``shared.first_part_with_prompts`` part 0 follows its prompts in their forward (the prompts' keys and
+    values do not see it: attention is causal), and the other parts read the cache's prompt positions only.
     ``head``: logits of the scored tokens only, from their hidden states (see ``scoring_forward``).
     """
     from transformers import DynamicCache
@@ -306,26 +314,42 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, w
 
     cache_name = cache_argument(model) or "past_key_values"
     mask = shared.prompt_attention_mask.long()
+    width = mask.shape[1]
     prompt_len = mask.sum(dim=1)
     cache = DynamicCache(config=model.config)
     hidden_needed = with_hidden or head is not None
-    prompt_out = model(input_ids=shared.prompt_input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       use_cache=True, logits_to_keep=1 if head is None else no_positions(mask.device),
+    lead = shared.parts[0] if shared.first_part_with_prompts else None
+    ids, attention, positions = shared.prompt_input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+    keep: int | torch.Tensor = 1  # logits of the prompt's last position (it predicts every part's first response token)
+    if lead is not None:
+        ids, attention = torch.cat([ids, lead.ids], dim=1), torch.cat([mask, lead.mask], dim=1)
+        positions = torch.cat([positions, prompt_len.unsqueeze(1) + torch.arange(lead.ids.shape[1], device=mask.device)], dim=1)
+        keep = torch.arange(width - 1, ids.shape[1], device=mask.device)  # and of the lead's positions
+    prompt_out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                       logits_to_keep=keep if head is None else no_positions(mask.device),
                        output_hidden_states=hidden_needed, **{cache_name: cache})
+    prompt_hidden = prompt_out.hidden_states[-1][:, width - 1 : width] if hidden_needed else None
+    prompt_logits = prompt_out.logits[:, :1] if head is None else None
     logps, sequences, hiddens, offset = [], [], [], 0
     for part in shared.parts:
         rows, r = part.prompt_index, part.ids.shape[1]
-        out = scoring_forward(model, head, with_hidden, input_ids=part.ids, attention_mask=torch.cat([mask[rows], part.mask], dim=1),
-                      position_ids=prompt_len[rows].unsqueeze(1) + torch.arange(r, device=mask.device),
-                      use_cache=True, **{cache_name: _cache_rows(cache, rows)})
+        if part is lead:  # its positions follow the prompts' in their forward
+            response_hidden = prompt_out.hidden_states[-1][:, width:] if hidden_needed else None
+            response_logits = prompt_out.logits[:, 1:] if head is None else None
+        else:
+            out = scoring_forward(model, head, with_hidden, input_ids=part.ids, attention_mask=torch.cat([mask[rows], part.mask], dim=1),
+                                  position_ids=prompt_len[rows].unsqueeze(1) + torch.arange(r, device=mask.device),
+                                  use_cache=True, **{cache_name: _cache_rows(cache, rows, width)})
+            response_hidden = out.hidden_states[-1] if hidden_needed else None
+            response_logits = out.logits if head is None else None
         positions = scored_positions(part.mask.bool())
 
         def predicting(from_prompt: torch.Tensor, from_responses: torch.Tensor) -> torch.Tensor:
             """Per scored token, what predicts it: its prompt's last position (token 0), else the response position before it."""
-            return pick(torch.cat([from_prompt[rows, -1:], from_responses[:, :-1]], dim=1), positions)
+            return pick(torch.cat([from_prompt[rows], from_responses[:, :-1]], dim=1), positions)
 
-        hidden = predicting(prompt_out.hidden_states[-1], out.hidden_states[-1]) if hidden_needed else None
-        logits = predicting(prompt_out.logits, out.logits) if head is None else head(hidden)
+        hidden = predicting(prompt_hidden, response_hidden) if hidden_needed else None
+        logits = predicting(prompt_logits, response_logits) if head is None else head(hidden)
         logps.append(target_logprobs(logits, part.ids.reshape(-1)[positions]))
         sequences.append(torch.div(positions, r, rounding_mode="floor") + offset)  # row of each scored position
         if with_hidden:

@@ -75,9 +75,10 @@ class PolicyArgs(_Group):
         fused_forward: reference and sampled sequences in one padding-free (packed) forward/backward;
             checked once against two padded passes, which it falls back to for a model that ignores
             packed position ids.
-        share_prompts: score each prompt once for its reference and its K samples (its keys/values
-            shared, gradients through them) whenever that computes fewer positions than the packed
-            or padded pass; checked once against padded passes. Off under gradient checkpointing.
+        share_prompts: score each prompt once for its reference and its K samples (two forward
+            calls: the prompts with their references, then the samples on the prompts' keys/values,
+            gradients through them) whenever that computes fewer positions than the packed or padded
+            pass; checked once against padded passes. Off under gradient checkpointing.
         scored_logits_only: logits for the scored tokens only (the output layer on their hidden
             states), once a batch shows the model's logits are that layer; false: every position's.
         lora: PEFT ``LoraConfig`` fields (e.g. ``{r: 16, lora_alpha: 32}``): train LoRA adapters only.

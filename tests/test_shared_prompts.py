@@ -81,6 +81,33 @@ def test_shared_pass_with_the_output_layer_on_scored_hidden_states_gives_the_sam
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_head", [False, True])
+@pytest.mark.parametrize("references_first", [True, False])
+def test_shared_pass_is_exact_whether_or_not_the_references_ride_in_the_prompts_forward(tokenizer, step, references_first, with_head):
+    """References first (one per prompt, in order): they follow their prompts in one forward, one call fewer.
+    Samples first: every part on the prompts' cache. Both score the whole rows' tokens, with their gradients."""
+    from l3m_lightning.logprobs import output_layer
+
+    model = build_embedded_model(tokenizer, GQA, seed=0).train()
+    prompt_ids, prompt_mask, parts = step
+    parts = parts if references_first else parts[::-1]
+    shared = share_prompts(prompt_ids, prompt_mask, parts, tokenizer.pad_token_id)
+    assert shared.first_part_with_prompts is references_first
+    calls: list[int] = []
+    model.register_forward_hook(lambda _m, _args, _out: calls.append(1))
+    got = shared_prompt_token_logprobs(model, shared, with_hidden=True, head=output_layer(model) if with_head else None)
+    assert len(calls) == (2 if references_first else 3)
+    whole = [padded_token_logprobs(model, rows, with_hidden=True) for rows, _ in parts]
+    expected = torch.cat([w.logp for w in whole])
+    torch.testing.assert_close(got.logp, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.hidden, torch.cat([w.hidden for w in whole]), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.sequence, torch.cat([whole[0].sequence, whole[1].sequence + len(parts[0][1])]))
+    weights = torch.linspace(0.5, 2.0, len(expected))
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad((weights * got.logp).sum(), params), torch.autograd.grad((weights * expected).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_shared_layout_computes_each_prompt_once(tokenizer, step):
     prompt_ids, prompt_mask, parts = step
     shared = share_prompts(prompt_ids, prompt_mask, parts, tokenizer.pad_token_id)
