@@ -60,9 +60,17 @@ declare -A VERDICT
 TORCH_DEVICE=$([[ $ACCELERATOR == cpu ]] && echo cpu || echo cuda)
 
 preflight_step() {  # one Python snippet within PREFLIGHT_TIMEOUT s; its stacks are dumped before it is cut
-  local t0=$SECONDS
-  timeout -k 5 "$PREFLIGHT_TIMEOUT" "$PYTHON" -X faulthandler -c "import faulthandler; faulthandler.dump_traceback_later(0.9 * $PREFLIGHT_TIMEOUT, exit=True)
-$1" || { echo "preflight step failed or hung (> $PREFLIGHT_TIMEOUT s): $1" | cut -c1-160; return 1; }
+  # stderr, with every import's time (-X importtime), goes to $OUT/preflight.log; a cut step shows its tail:
+  # the last modules that finished importing, and the stacks where it hung
+  local t0=$SECONDS log="$OUT/preflight.log"
+  echo "--- $1" >> "$log"
+  if ! timeout -k 5 "$PREFLIGHT_TIMEOUT" "$PYTHON" -X faulthandler -X importtime -c "import faulthandler; faulthandler.dump_traceback_later(0.9 * $PREFLIGHT_TIMEOUT, exit=True)
+$1" 2>> "$log"; then
+    echo "preflight step failed or hung (> $PREFLIGHT_TIMEOUT s): $1" | cut -c1-160
+    echo "  after $((SECONDS - t0)) s; the last lines of $log:"
+    tail -n 25 "$log" | sed 's/^/    /'
+    return 1
+  fi
   echo "  ($((SECONDS - t0)) s)"
 }
 
@@ -74,9 +82,10 @@ install_wheels() {  # WHEELS into $OUT/site, put first on PYTHONPATH
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 }
 
-preflight() {  # torch alone, the accelerator, then (wheels installed) the whole stack
+preflight() {  # the interpreter, torch alone, the accelerator, then (wheels installed) the whole stack
   echo "=== preflight ($PYTHON) ==="
-  preflight_step "import torch; print('torch', torch.__version__)" \
+  preflight_step "import sys; print('python', sys.version.split()[0], sys.prefix)" \
+  && preflight_step "import torch; print('torch', torch.__version__)" \
   && preflight_step "import torch; t = torch.ones(1, device='$TORCH_DEVICE'); print('accelerator', torch.cuda.get_device_name(0) if t.is_cuda else 'cpu', t.item())" \
   && install_wheels \
   && preflight_step "import transformers, lightning, datasets, jsonargparse, torchdata, l3m_lightning.module; print('transformers', transformers.__version__, 'lightning', lightning.__version__, 'datasets', datasets.__version__)"

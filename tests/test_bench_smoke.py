@@ -114,12 +114,13 @@ def _gpu_check(tmp_path, **env) -> subprocess.CompletedProcess:
 
 def test_gpu_check_stops_at_a_hung_preflight_before_any_phase(tmp_path):
     """A preflight step that hangs is cut at PREFLIGHT_TIMEOUT and no phase runs (a lease is not spent on a phase's timeout)."""
-    hung = tmp_path / "hung_python"
-    hung.write_text("#!/bin/sh\nsleep 60\n")
+    hung = tmp_path / "hung_python"  # starts, imports a module, then hangs in the next import
+    hung.write_text("#!/bin/sh\necho 'import time:       812 |        812 | encodings' >&2\nsleep 60\n")
     hung.chmod(0o755)
     run = _gpu_check(tmp_path, PYTHON=str(hung), PREFLIGHT_TIMEOUT="2", PHASES="sampler")
     assert run.returncode == 1
-    assert "preflight step failed or hung (> 2 s): import torch" in run.stdout
+    assert "preflight step failed or hung (> 2 s): import sys" in run.stdout
+    assert "| encodings" in run.stdout  # the log's tail: where it got to
     assert "PHASE preflight: FAIL (no phase run)" in run.stdout and "=== phase" not in run.stdout
 
 
