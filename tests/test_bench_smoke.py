@@ -151,3 +151,26 @@ def test_gpu_check_sampler_phase_dry_run_installs_wheels_and_passes(tmp_path):
     assert "sampled tokens/s: lean" in run.stdout and "PHASE sampler: PASS" in run.stdout
     (result,) = json.loads((tmp_path / "gpu_check" / "step_time.json").read_text())["results"]
     assert result["config"] == "embedded" and result["sampled_tokens"] == 2 * 2 * 4
+
+
+def test_fit_speed_with_natural_lengths_times_every_variant_and_reads_their_sampled_lengths(tmp_path):
+    """bench/fit_speed.py on a tiny embedded config: real fit runs, lengths left to the model, each step's mean length read back."""
+    import yaml
+
+    bench = _load_bench("fit_speed")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+        "model": {"policy": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                        "num_key_value_heads": 2}},
+                  "constraints": [{"name": "length", "threshold": 2, "scale": 4}], "sampling": {"num_samples": 2, "max_new_tokens": 6}},
+        "data": {"batch_size": 2, "embedded_num_prompts": 40, "max_val_rows": 4}}))
+    out = tmp_path / "fit_speed.json"
+    result = bench.main(["--config", str(config), "--steps", "2", "--untimed", "1", "--natural-lengths",
+                         "--variant", "padded=--model.policy.share_prompts false --model.policy.fused_forward false", "--out", str(out)])
+    assert result["natural_lengths"] and set(result["step_s"]) == {"today", "padded"}
+    for name in ("today", "padded"):
+        assert len(result["step_s"][name]) == 2 and len(result["mean_sampled_length"][name]) == 2
+        assert all(1 <= length <= 6 for length in result["mean_sampled_length"][name])
+    assert "mean sampled length" in result["table"] and json.loads(out.read_text())["table"] == result["table"]
