@@ -235,7 +235,8 @@ class SharedPrompt:
     A training step scores every prompt K + 1 times (its reference and K samples): packed or padded,
     each copy of the prompt goes through the model. Here the B prompts go through once, their
     keys/values are indexed out to every response, and each part's responses go through one more
-    forward on top of that cache; gradients flow back through the cache into the prompt pass, so the
+    forward on top of that cache (or, for a part of one response per prompt, follow their prompts in
+    the prompt forward itself); gradients flow back through the cache into the prompt pass, so the
     log-probabilities and their gradients are the full rows' (to rounding).
     """
 
