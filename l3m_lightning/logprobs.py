@@ -320,13 +320,13 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, w
     cache = DynamicCache(config=model.config)
     hidden_needed = with_hidden or head is not None
     lead = shared.parts[0] if shared.first_part_with_prompts else None
-    ids, attention, positions = shared.prompt_input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, attention, position_ids = shared.prompt_input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
     keep: int | torch.Tensor = 1  # logits of the prompt's last position (it predicts every part's first response token)
     if lead is not None:
         ids, attention = torch.cat([ids, lead.ids], dim=1), torch.cat([mask, lead.mask], dim=1)
-        positions = torch.cat([positions, prompt_len.unsqueeze(1) + torch.arange(lead.ids.shape[1], device=mask.device)], dim=1)
+        position_ids = torch.cat([position_ids, prompt_len.unsqueeze(1) + torch.arange(lead.ids.shape[1], device=mask.device)], dim=1)
         keep = torch.arange(width - 1, ids.shape[1], device=mask.device)  # and of the lead's positions
-    prompt_out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
+    prompt_out = model(input_ids=ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
                        logits_to_keep=keep if head is None else no_positions(mask.device),
                        output_hidden_states=hidden_needed, **{cache_name: cache})
     prompt_hidden = prompt_out.hidden_states[-1][:, width - 1 : width] if hidden_needed else None
