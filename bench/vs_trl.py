@@ -368,6 +368,8 @@ def bench_row(config: str, max_new_tokens: int, args: argparse.Namespace, workdi
     if "trl" in tools:
         for v, s in tools.items():
             s["throughput_vs_trl"] = tools["trl"]["median_step_s"] / s["median_step_s"]
+            # each round's ratio (its TRL run's median over this run's): how much of a run's verdict is which processes came out slow
+            s["throughput_vs_trl_by_round"] = [t / m for t, m in zip(tools["trl"]["per_run_median_step_s"], s["per_run_median_step_s"])]
     row = {"config": config, "model_config": CONFIGS[config], "params_millions": params, "max_new_tokens": max_new_tokens,
            "prompt_tokens": prompt_tokens, "completions_per_step": args.batch_size * args.num_samples,
            "generated_tokens_per_step": args.batch_size * args.num_samples * max_new_tokens, "tools": tools, "floors": floors}
@@ -397,7 +399,7 @@ def summarise(runs: list[dict[str, Any]], args: argparse.Namespace, max_new_toke
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """One line per tool and row: s/step, interval, completions/s, tokens/s, throughput vs TRL, lengths pinned."""
     head = (f"{'config':<10}{'params':>8}{'N':>5}  {'run':<16}{'s/step':>8}{'interval':>10}{'compl/s':>9}{'tok/s':>8}{'L3M/TRL':>9}"
-            f"  pinned  per-run s/step")
+            f"  pinned  per-run s/step (L3M/TRL by round)")
     lines = [f"median over timed steps ({args.steps} steps per run, first {args.untimed} untimed, {args.repeats} alternated round(s)); "
              f"{args.batch_size} prompts x K={args.num_samples} per step, every completion exactly N tokens", head, "-" * len(head)]
     for r in rows:
@@ -409,7 +411,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             pinned = "yes" if s["lengths_pinned"] else "NO"
             lines.append(f"{first if i == 0 else pad}{LABELS[variant]:<16}{s['median_step_s']:>8.3f}{interval:>10}"
                          f"{s['completions_per_s']:>9.1f}{s['generated_tokens_per_s']:>8.0f}{ratio:>9}  {pinned:<6}  "
-                         + " ".join(f"{m:.3f}" for m in s["per_run_median_step_s"]))
+                         + " ".join(f"{m:.3f}" for m in s["per_run_median_step_s"])
+                         + (f"  ({' '.join(f'{x:.2f}' for x in s['throughput_vs_trl_by_round'])})" if variant != "trl" and "trl" in r["tools"] else ""))
         if r["floors"]:
             f, n = r["floors"]["s"], r["generated_tokens_per_step"]
             lines.append(f"{pad}{'bare decode':<16}{f['bare_decode']:>8.3f}{'':>10}{'':>9}{n / f['bare_decode']:>8.0f}")

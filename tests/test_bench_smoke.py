@@ -61,6 +61,8 @@ def test_vs_trl_bench_runs_both_tools_on_a_tiny_model(tmp_path):
     for tool in row["tools"].values():
         assert tool["lengths_pinned"] and tool["timed_steps"] == 1
         assert len(tool["runs"][0]["step_s"]) == 2
+    (ratio,) = row["tools"]["l3m"]["throughput_vs_trl_by_round"]
+    assert ratio == row["tools"]["trl"]["per_run_median_step_s"][0] / row["tools"]["l3m"]["per_run_median_step_s"][0]
     trl_run = row["tools"]["trl"]["runs"][0]
     assert trl_run["prompt_ids_match"] and trl_run["generation_config"]["min_new_tokens"] == 4
     assert trl_run["model_dtype"] == "torch.float32"
