@@ -181,14 +181,24 @@ class L3MModule(L.LightningModule):
         return self.objective.active(self.global_step)
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
-        """Clip by norm under FSDP1 too (``trainer.gradient_clip_val``, the paper's setting).
+        """Clip under FSDP1 and under bf16-mixed with the fused AdamW too (``trainer.gradient_clip_val``, the paper's setting).
 
         Lightning's FSDP precision refuses norm clipping (its optimiser-level clip cannot see the
-        other shards); FSDP's own ``clip_grad_norm_`` reduces the norm across all of them.
+        other shards); FSDP's own ``clip_grad_norm_`` reduces the norm across all of them. Its mixed
+        precision refuses any clipping for a fused optimizer (see below).
         """
         root = fsdp1_root(self._trainer)
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and root is not None:
             root.clip_grad_norm_(gradient_clip_val)
+            return
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False) and loss_scaler(self._trainer) is None:
+            # Lightning's mixed precision refuses to clip for a fused optimizer, whose step would unscale fp16 gradients
+            # only after clipping; under bf16-mixed nothing is scaled, the gradients are the true ones: clip them as usual
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -467,10 +477,15 @@ class L3MModule(L.LightningModule):
         self._fully_sharded = True
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return self.build_optimizer(self.trainer.estimated_stepping_batches)
+        # fp16 loss scaling: a fused step unscales the gradients itself, after clipping would have seen them scaled
+        return self.build_optimizer(self.trainer.estimated_stepping_batches,
+                                    fused=self.options.optimizer.fused and loss_scaler(self.trainer) is None)
 
-    def build_optimizer(self, total_steps: int) -> dict[str, Any]:
-        """AdamW (no decay on biases and norms; the value head at its own rate) and the warm-up-cosine schedule over ``total_steps``."""
+    def build_optimizer(self, total_steps: int, fused: bool | None = None) -> dict[str, Any]:
+        """AdamW (no decay on biases and norms; the value head at its own rate) and the warm-up-cosine schedule over ``total_steps``.
+
+        ``fused``: torch's fused kernel (default: ``optimizer.fused``).
+        """
         o = self.options.optimizer
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
@@ -480,7 +495,7 @@ class L3MModule(L.LightningModule):
         if self.objective.value_head is not None:
             groups.append({"params": list(self.objective.value_head.parameters()), "weight_decay": 0.0, "lr": self.options.value_baseline.lr})
         return adamw_warmup_cosine(groups, learning_rate=o.learning_rate, betas=o.betas, warmup_ratio=o.warmup_ratio,
-                                   min_lr_ratio=o.min_lr_ratio, total_steps=total_steps, fused=o.fused)
+                                   min_lr_ratio=o.min_lr_ratio, total_steps=total_steps, fused=o.fused if fused is None else fused)
 
     # --- state and outputs ----------------------------------------------------------------------
     def setup_constraints(self) -> None:
@@ -557,6 +572,11 @@ class L3MModule(L.LightningModule):
 
 #: State-dict prefix of the value head in checkpoints written before it moved into ``objective``.
 LEGACY_VALUE_HEAD = "value_head."
+
+
+def loss_scaler(trainer: Any) -> Any:
+    """The gradient scaler of the trainer's precision (fp16 mixed precision), or ``None`` (bf16, fp32, no trainer)."""
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
 
 
 def dataset_columns(batch: dict[str, Any]) -> dict[str, list[Any]]:

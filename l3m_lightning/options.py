@@ -274,7 +274,8 @@ class OptimizerArgs(_Group):
         min_lr_ratio: the cosine ends at this fraction of the learning rate.
         fused: torch's fused AdamW kernel (one pass over each parameter instead of one per
             operation; on CPU and CUDA). Runs recorded before 2026-11-29 used the per-tensor loop:
-            ``false`` reproduces them.
+            ``false`` reproduces them. Not under fp16 mixed precision, whose loss scaling the fused
+            step would undo only after gradient clipping had seen scaled gradients.
     """
 
     KEY: ClassVar[str] = "model.optimizer"

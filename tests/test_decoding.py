@@ -284,6 +284,32 @@ def test_the_llama_decode_step_gives_the_forwards_logits_and_cache(tokenizer, mo
         torch.testing.assert_close(fast_layer.values, hf_layer.values, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lengths", [[3, 9, 6], [5, 5]], ids=["left_padded", "unpadded"])
+def test_the_llama_decode_step_under_bf16_autocast_gives_the_forwards_logits(tokenizer, lengths):
+    """``bf16-mixed`` training samples inside Lightning's autocast (float32 weights, bfloat16 matmuls and attention):
+    the step casts as the forward does, so its logits and cache are the forward's under the same autocast
+    (bitwise here, as with ``F.linear`` in float32; the tolerance is the contract, as on a GPU's kernels)."""
+    model = build_embedded_model(tokenizer, TINY, seed=0).eval()
+    ids, mask = left_padded(lengths, tokenizer.pad_token_id)
+    steps = 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (hf_cache, fast_cache), position = prefilled_caches(model, ids, mask, steps)
+        assert llama_decode_supported(model)
+        fast, window = LlamaDecodeStep(model, onednn=False), attention_window(mask, steps)
+        for token in torch.randint(5, 500, (steps, len(lengths)), generator=torch.Generator().manual_seed(1)):
+            mask = torch.cat([mask, mask.new_ones(len(lengths), 1)], dim=1)
+            with torch.no_grad():
+                expected = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=hf_cache,
+                                 use_cache=True).logits[:, -1]
+                got = fast(token, position, None if window is None else window[..., : mask.shape[1]], fast_cache)
+            assert got.dtype == expected.dtype
+            torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+            assert torch.equal(got, expected), "close but not bitwise: on CPU the step runs the forward's kernels"
+            position = position + 1
+    for hf_layer, fast_layer in zip(hf_cache.layers, fast_cache.layers):
+        torch.testing.assert_close(fast_layer.keys.float(), hf_layer.keys.float(), rtol=1e-2, atol=1e-2)
+
+
 @needs_onednn
 def test_the_decode_step_takes_onednn_for_large_float32_weights_and_f_linear_otherwise(tokenizer):
     """MLP weights of 256x1280 (327,680 elements) take oneDNN, the 256x256 attention weights F.linear; onednn=False: F.linear for all."""

@@ -298,6 +298,46 @@ def test_clipping_without_fsdp_is_lightnings(batch):
     clip.assert_called_once_with("opt", 1.0, "norm")
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_bf16_mixed_fit_clips_the_fused_optimizers_gradients(tmp_path, algorithm):
+    """Lightning's mixed precision refuses to clip for a fused optimizer (under fp16 its gradients would still be scaled);
+    under bf16-mixed nothing is scaled, so the module clips the true gradients itself, every step."""
+    import lightning as L
+
+    from l3m_lightning.data import ChatDataModule
+
+    clip_val = 1e-3  # below every step's gradient: clipping always acts
+    seen: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_ if algorithm == "norm" else torch.nn.utils.clip_grad_value_
+
+    def clipping(params, value, *args, **kwargs):
+        params = list(params)
+        result = clip(params, value, *args, **kwargs)
+        grads = [p.grad for p in params]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if algorithm == "norm"
+                    else max(float(g.abs().max()) for g in grads))
+        return result
+
+    module = L3MModule(policy={"config": TINY}, constraints=LENGTH, sampling={"num_samples": 2, "max_new_tokens": 4}, export_dir="")
+    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    with mock.patch(f"torch.nn.utils.{clip.__name__}", side_effect=clipping):
+        trainer.fit(module, datamodule=ChatDataModule(embedded_num_prompts=40, batch_size=2))
+    assert trainer.optimizers[0].defaults["fused"]
+    assert len(seen) == 2 and all(v <= clip_val * (1 + 1e-3) for v in seen)
+
+
+def test_under_fp16_loss_scaling_the_optimizer_is_not_fused():
+    """A fused step unscales fp16 gradients itself, after clipping would have seen them scaled: the module builds the per-tensor AdamW."""
+    from types import SimpleNamespace
+
+    module = _module()
+    for scaler, fused in ((object(), False), (None, True)):
+        module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), estimated_stepping_batches=10)
+        assert bool(module.configure_optimizers()["optimizer"].defaults["fused"]) is fused
+
+
 def test_constraint_warmup_is_plain_sft_then_the_barrier_switches_on(batch):
     """Before ``barrier.warmup_steps`` no sampling and μ stays put; from then on the constrained step as usual."""
     module = _module(constraints=LENGTH, sampling={"num_samples": 2}, value_baseline={"enabled": True},
