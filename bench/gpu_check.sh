@@ -23,8 +23,12 @@
 # and touches the GPU, each step under PREFLIGHT_TIMEOUT s: a hang there costs that, not a phase's timeout.
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
 # Measured on one H200 (2026-11-27): the first three phases PASS; numbers in docs/results.md ("GPU check").
-# The sampler phase (2026-11-29) has run only as a CPU dry run. On the device's image, which lacks
-# jsonargparse, datasets and torchdata: `bash bench/device_wheels.sh` here, then on the device
+# A CPU dry run of every phase with a tiny model (ACCELERATOR=cpu STRATEGY=auto RESUME_STRATEGY=auto
+# MODEL_CONFIG="{hidden_size: 64, ...}") is in tests/test_bench_smoke.py: since the last GPU run the fused AdamW
+# (refused by Lightning's bf16-mixed clipping until the module clipped itself) and exact resume (which re-logs
+# the checkpoint's own batch) changed what the phases meet. The sampler phase (2026-11-29) has run only on CPU.
+# On the device's image, which lacks jsonargparse, datasets and torchdata: `bash bench/device_wheels.sh` here,
+# then on the device
 #   WHEELS=.whl DEVICES=1 PHASES=sampler bash bench/gpu_check.sh      (carry: [".whl"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -149,7 +153,11 @@ first, resumed = mu[runs[0]], mu[runs[1]]
 warmup = int(sys.argv[2])
 print("first run steps", min(first), "..", max(first), " resumed run steps", min(resumed), "..", max(resumed))
 assert min(first) == warmup, f"μ logged from step {min(first)}, expected from the end of the warm-up ({warmup})"
-assert max(first) <= 12 and min(resumed) >= 12 and max(resumed) >= 17, (sorted(first), sorted(resumed))
+# the checkpoint's own batch (step 11) may be logged again by the resumed run (ExactResume: a kill between the
+# checkpoint and Lightning's logging would lose it), with the same value; every later step is new
+again = set(first) & set(resumed)
+assert again <= {11} and all(first[s] == resumed[s] for s in again), (sorted(first), sorted(resumed))
+assert max(first) <= 12 and min(set(resumed) - again) >= 12 and max(resumed) >= 17, (sorted(first), sorted(resumed))
 for step, value in sorted(resumed.items()):
     expected = 0.8 ** ((step - warmup) // 4)
     assert abs(value - expected) < 1e-4 * expected + 1e-6, (step, value, expected)
