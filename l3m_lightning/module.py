@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import CatMetric
 from torchmetrics.text import Perplexity
@@ -191,7 +192,9 @@ class L3MModule(L.LightningModule):
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and root is not None:
             root.clip_grad_norm_(gradient_clip_val)
             return
-        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False) and loss_scaler(self._trainer) is None:
+        precision = getattr(self._trainer, "precision_plugin", None)
+        if (gradient_clip_val and isinstance(precision, MixedPrecision) and precision.scaler is None
+                and getattr(optimizer, "_step_supports_amp_scaling", False)):
             # Lightning's mixed precision refuses to clip for a fused optimizer, whose step would unscale fp16 gradients
             # only after clipping; under bf16-mixed nothing is scaled, the gradients are the true ones: clip them as usual
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
