@@ -25,7 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import CatMetric
 from torchmetrics.text import Perplexity
@@ -193,15 +193,12 @@ class L3MModule(L.LightningModule):
             root.clip_grad_norm_(gradient_clip_val)
             return
         precision = getattr(self._trainer, "precision_plugin", None)
-        if (gradient_clip_val and isinstance(precision, MixedPrecision) and precision.scaler is None
+        if (gradient_clip_val and isinstance(precision, MixedPrecision) and loss_scaler(self._trainer) is None
                 and getattr(optimizer, "_step_supports_amp_scaling", False)):
             # Lightning's mixed precision refuses to clip for a fused optimizer, whose step would unscale fp16 gradients
-            # only after clipping; under bf16-mixed nothing is scaled, the gradients are the true ones: clip them as usual
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            # only after clipping; under bf16-mixed nothing is scaled, the gradients are the true ones: Lightning's own
+            # clip (its base precision's), without the refusal
+            Precision.clip_gradients(precision, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

@@ -310,10 +310,10 @@ def test_bf16_mixed_fit_clips_the_fused_optimizers_gradients(tmp_path, algorithm
     seen: list[float] = []
     clip = torch.nn.utils.clip_grad_norm_ if algorithm == "norm" else torch.nn.utils.clip_grad_value_
 
-    def clipping(params, value, *args, **kwargs):
+    def clipping(params, *args, **kwargs):  # the value positional or by keyword (clip_value=, max_norm=)
         params = list(params)
-        result = clip(params, value, *args, **kwargs)
-        grads = [p.grad for p in params]
+        result = clip(params, *args, **kwargs)
+        grads = [p.grad for p in params if p.grad is not None]
         seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if algorithm == "norm"
                     else max(float(g.abs().max()) for g in grads))
         return result
