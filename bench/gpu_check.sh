@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# GPU check, three phases on the embedded default scaled to a ~122M-parameter Llama (hidden 768,
+# GPU check, four phases (run in this order) on the embedded default scaled to a ~122M-parameter Llama (hidden 768,
 # 12 layers, MLP 3328, vocab 2048), bf16-mixed:
 #   throughput  a short L3M fit with Lightning's FSDPStrategy (FSDP1, LlamaDecoderLayer auto-wrap);
 #               prints tokens/s and model FLOPs utilisation (bench/gpu_throughput.py) and checks that
 #               the exported hf_model (full state dict gathered from the shards) loads.
+#   sampler     bench/step_time.py on one GPU, the same model (config 122m), BATCH prompts x K, MAX_NEW_TOKENS
+#               pinned, bf16 weights: the lean sampler's sampled tokens/s against transformers' generate and a
+#               bare decode loop, and against issue 16's target (5x the 815 tokens/s the throughput phase sampled
+#               on 2026-11-27 on one device, STRATEGY=auto, decoding with generate).
 #   resume      FSDP1 with sharded checkpoints, the value baseline and WARMUP (default 2) steps of constraint
 #               warm-up: fit 12 steps, resume from `last` to 18, and check from TensorBoard that the resumed
 #               steps continue the step count and the μ schedule (μ = 0.8^floor((step − WARMUP)/4), which a
 #               reset would restart at 1), and that μ is logged from step WARMUP on only.
 #   fsdp2       ModelParallelStrategy + fully_shard (FSDP2) with sharded generation (micro-batched).
-#   sampler     bench/step_time.py on one GPU, the same model (config 122m), BATCH prompts x K, MAX_NEW_TOKENS
-#               pinned, bf16 weights: the lean sampler's sampled tokens/s against transformers' generate and a
-#               bare decode loop, and against issue 16's target (5x the 815 tokens/s the throughput phase sampled
-#               on 2026-11-27 with FSDP1, which decodes with generate in lock step).
 # Each phase's verdict is printed as `PHASE <name>: PASS|FAIL` at the end.
 #
 #   bash bench/gpu_check.sh                       # all visible GPUs, all phases
@@ -44,7 +44,7 @@ BATCH=${BATCH:-16}
 NUM_SAMPLES=${NUM_SAMPLES:-4}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
 PRECISION=${PRECISION:-bf16-mixed}
-PHASES=${PHASES:-"throughput resume fsdp2 sampler"}
+PHASES=${PHASES:-"throughput sampler resume fsdp2"}   # run in this order, whatever the order named
 SAMPLER_CONFIG=${SAMPLER_CONFIG:-122m}   # a CPU dry run: SAMPLER_CONFIG=embedded ACCELERATOR=cpu
 FIT_TIMEOUT=${FIT_TIMEOUT:-300}
 WARMUP=${WARMUP:-2}
@@ -129,6 +129,22 @@ PY
   [[ $? == 0 ]] && VERDICT[throughput]=PASS || VERDICT[throughput]=FAIL
 fi
 
+if [[ " $PHASES " == *" sampler "* ]]; then
+  echo "=== phase sampler ==="
+  timeout -k 20 "$FIT_TIMEOUT" "$PYTHON" bench/step_time.py --configs "$SAMPLER_CONFIG" --device "$TORCH_DEVICE" --dtype bfloat16 \
+    --batch-size "$BATCH" --num-samples "$NUM_SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" --steps 5 --warmup 2 --fit-steps 0 \
+    --out "$OUT/step_time.json" \
+  && "$PYTHON" - "$OUT" <<'PY'
+import json, sys
+(r,) = json.load(open(f"{sys.argv[1]}/step_time.json"))["results"]
+tokens, ms = r["sampled_tokens"], r["ms"]
+lean, generate = tokens / ms["sampling_lean"] * 1000, tokens / ms["sampling_generate"] * 1000
+print(f"sampled tokens/s: lean {lean:.0f}, generate {generate:.0f} (lean/generate {lean / generate:.2f}x), "
+      f"bare decode loop {r['bare_decode_tokens_per_s']:.0f}; issue 16's target: >= 5 x 815 = 4075 (lean: {lean / 815:.1f}x)")
+PY
+  [[ $? == 0 ]] && VERDICT[sampler]=PASS || VERDICT[sampler]=FAIL
+fi
+
 if [[ " $PHASES " == *" resume "* ]]; then
   echo "=== phase resume ==="
   RES="$OUT/resume"
@@ -174,22 +190,6 @@ if [[ " $PHASES " == *" fsdp2 "* ]]; then
     --model.export_dir "$OUT/fsdp2/hf_model" \
   && export_loads "$OUT/fsdp2/hf_model"
   [[ $? == 0 ]] && VERDICT[fsdp2]=PASS || VERDICT[fsdp2]=FAIL
-fi
-
-if [[ " $PHASES " == *" sampler "* ]]; then
-  echo "=== phase sampler ==="
-  timeout -k 20 "$FIT_TIMEOUT" "$PYTHON" bench/step_time.py --configs "$SAMPLER_CONFIG" --device "$TORCH_DEVICE" --dtype bfloat16 \
-    --batch-size "$BATCH" --num-samples "$NUM_SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" --steps 5 --warmup 2 --fit-steps 0 \
-    --out "$OUT/step_time.json" \
-  && "$PYTHON" - "$OUT" <<'PY'
-import json, sys
-(r,) = json.load(open(f"{sys.argv[1]}/step_time.json"))["results"]
-tokens, ms = r["sampled_tokens"], r["ms"]
-lean, generate = tokens / ms["sampling_lean"] * 1000, tokens / ms["sampling_generate"] * 1000
-print(f"sampled tokens/s: lean {lean:.0f}, generate {generate:.0f} (lean/generate {lean / generate:.2f}x), "
-      f"bare decode loop {r['bare_decode_tokens_per_s']:.0f}; issue 16's target: >= 5 x 815 = 4075 (lean: {lean / 815:.1f}x)")
-PY
-  [[ $? == 0 ]] && VERDICT[sampler]=PASS || VERDICT[sampler]=FAIL
 fi
 
 status=0
