@@ -192,18 +192,71 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+#: How far a check lets a pass drift from the padded passes when the model computes in a half-precision dtype: this
+#: many nats times the square root of a response's scored tokens (rounding errors add up along it, mostly at random).
+#: bfloat16 rounding moves a 122M model's log-probs by up to 0.017 nats per token on CPU, 0.06 on a 64-token
+#: response's sum (2026-11-29), far beyond float32's tolerance, while a pretrained model that scores a response
+#: without its prompt, or across packed sequences, is off by nats. A small random-init model's cross-sequence
+#: attention can hide under this bound: only float32 checks tell it apart (tests/test_logprobs.py).
+HALF_PRECISION_NATS = {torch.bfloat16: 0.05, torch.float16: 0.00625}
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model's matmuls run in: autocast's where it is on for the parameters' device, else the parameters'."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return torch.float32
+    if torch.is_autocast_enabled(param.device.type):
+        return torch.get_autocast_dtype(param.device.type)
+    return param.dtype
+
+
+@dataclass
+class Agreement:
+    """A check's verdict (truthy when the passes agree) and how far apart they were, to report when they do not."""
+
+    worst: float  # the largest per-sequence (or per-token) difference, nats
+    allowed: float  # the same tolerance, as a bound on ``worst`` where it has one (half precision), else float32's
+    dtype: torch.dtype
+    ok: bool
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        return f"computed in {str(self.dtype).removeprefix('torch.')}, the passes differ by up to {self.worst:.3g} nats (allowed {self.allowed:.3g})"
+
+
+def agreement(got: torch.Tensor, expected: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype, atol: float = 1e-3) -> Agreement:
+    """Do ``got`` and ``expected`` (log-probs of sequences of ``tokens`` scored tokens each) agree to ``dtype``'s rounding?
+
+    float32: within ``atol`` (plus 1e-4 relative). Half precision: within
+    ``HALF_PRECISION_NATS`` times the square root of a sequence's scored tokens.
+    """
+    if got.shape != expected.shape:
+        return Agreement(float("inf"), atol, dtype, False)
+    difference = (got.float() - expected.float()).abs()
+    worst = float(difference.max()) if difference.numel() else 0.0
+    nats = HALF_PRECISION_NATS.get(dtype)
+    if nats is None:
+        return Agreement(worst, atol, dtype, bool(torch.allclose(got, expected, atol=atol, rtol=1e-4)))
+    bound = nats * tokens.clamp(min=1).to(difference).sqrt()
+    return Agreement(worst, float(bound.max()) if bound.numel() else nats, dtype, bool((difference <= bound).all()))
+
+
 @torch.no_grad()
-def packing_matches_padding(model: torch.nn.Module, parts: list[Batch], pad_token_id: int, atol: float = 1e-3) -> bool:
-    """True when packed and padded passes agree, i.e. the model restarts attention at each position-0."""
+def packing_matches_padding(model: torch.nn.Module, parts: list[Batch], pad_token_id: int, atol: float = 1e-3) -> Agreement:
+    """Truthy when packed and padded passes agree, i.e. the model restarts attention at each position-0."""
     with evaluating(model):
         packed = packed_token_logprobs(model, pack(parts, pad_token_id)).sums()
-        padded = torch.cat([padded_token_logprobs(model, part).sums() for part in parts])
-    return bool(torch.allclose(packed, padded, atol=atol, rtol=1e-4))
+        padded = [padded_token_logprobs(model, part) for part in parts]
+    expected = torch.cat([p.sums() for p in padded])
+    return agreement(packed, expected, torch.cat([p.counts() for p in padded]), compute_dtype(model), atol)
 
 
 @torch.no_grad()
-def head_matches_logits(model: torch.nn.Module, head: torch.nn.Module, batch: Batch, atol: float = 1e-3) -> bool:
-    """True when ``head`` on the last hidden states scores ``batch`` as the model's own logits do.
+def head_matches_logits(model: torch.nn.Module, head: torch.nn.Module, batch: Batch, atol: float = 1e-3) -> Agreement | bool:
+    """Truthy when ``head`` on the last hidden states scores ``batch`` as the model's own logits do.
 
     Not so for a model that transforms its logits after the output layer (Gemma 2's soft-capping,
     Cohere's logit scale) or whose last hidden state is not the layer's input; a forward that takes no
@@ -215,7 +268,7 @@ def head_matches_logits(model: torch.nn.Module, head: torch.nn.Module, batch: Ba
             got = padded_token_logprobs(model, batch, head=head).logp
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
             return False
-    return got.shape == expected.shape and bool(torch.allclose(got, expected, atol=atol, rtol=1e-4))
+    return agreement(got, expected, torch.ones_like(expected, dtype=torch.long), compute_dtype(model), atol)
 
 
 # --- one forward per prompt, shared by its reference and its K samples -------------------------------------------------
@@ -360,15 +413,15 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, shared: SharedPrompt, w
 
 
 @torch.no_grad()
-def sharing_matches_padding(model: torch.nn.Module, shared: SharedPrompt, parts: list[Batch], atol: float = 1e-3) -> bool:
-    """True when the shared-prompt pass agrees with padded passes (the model honours a cache and position ids in training).
+def sharing_matches_padding(model: torch.nn.Module, shared: SharedPrompt, parts: list[Batch], atol: float = 1e-3) -> Agreement | bool:
+    """Truthy when the shared-prompt pass agrees with padded passes (the model honours a cache and position ids in training).
 
     A model the pass cannot run on at all (its forward takes no cache, or keeps none) fails the check too.
     """
     with evaluating(model):
-        expected = torch.cat([padded_token_logprobs(model, part).sums() for part in parts])
+        padded = [padded_token_logprobs(model, part) for part in parts]
         try:
             got = shared_prompt_token_logprobs(model, shared).sums()
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
             return False
-    return bool(torch.allclose(got, expected, atol=atol, rtol=1e-4))
+    return agreement(got, torch.cat([p.sums() for p in padded]), torch.cat([p.counts() for p in padded]), compute_dtype(model), atol)

@@ -36,7 +36,7 @@ from l3m_lightning.checkpointing import ExactResume
 from l3m_lightning.constants import IGNORE_INDEX
 from l3m_lightning.diagnostics import option_warnings, warn_all
 from l3m_lightning.logprobs import (
-    SharedPrompt, TokenLogprobs, head_matches_logits, output_layer, pack, packed_token_logprobs, packing_matches_padding,
+    Agreement, SharedPrompt, TokenLogprobs, head_matches_logits, output_layer, pack, packed_token_logprobs, packing_matches_padding,
     padded_token_logprobs, share_prompts, shared_prompt_token_logprobs, sharing_matches_padding,
 )
 from l3m_lightning.objective import ConstrainedObjective, ObjectiveStep
@@ -292,10 +292,11 @@ class L3MModule(L.LightningModule):
         if not self.on_every_rank(shared is not None and shared.tokens() < alternative):
             return None
         if self._sharing_ok is None:
-            self._sharing_ok = self.on_every_rank(sharing_matches_padding(self.model, shared, [sft, pg]))
+            agreement = sharing_matches_padding(self.model, shared, [sft, pg])
+            self._sharing_ok = self.on_every_rank(agreement)
             if not self._sharing_ok:
                 rank_zero_warn(f"model.policy.share_prompts: {type(self.model).__name__} does not score a response on its prompt's "
-                               "cache as it scores the whole row; scoring whole rows instead")
+                               f"cache as it scores the whole row{_detail(agreement)}; scoring whole rows instead")
                 return None
         return shared
 
@@ -314,10 +315,11 @@ class L3MModule(L.LightningModule):
         if not self.options.policy.fused_forward:
             return False
         if self._packing_ok is None:
-            self._packing_ok = self.on_every_rank(packing_matches_padding(self.model, parts, self.tokenizer.pad_token_id))
+            agreement = packing_matches_padding(self.model, parts, self.tokenizer.pad_token_id)
+            self._packing_ok = self.on_every_rank(agreement)
             if not self._packing_ok:
-                rank_zero_warn(f"model.policy.fused_forward: {type(self.model).__name__} attends across packed sequences "
-                               "(it ignores position_ids restarts); using two padded passes instead")
+                rank_zero_warn(f"model.policy.fused_forward: {type(self.model).__name__} scores packed sequences unlike padded rows"
+                               f"{_detail(agreement)}: it attends across them (ignoring position_ids restarts); using two padded passes instead")
         return self._packing_ok
 
     def reduce_sft_loss(self, logp: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -572,6 +574,11 @@ class L3MModule(L.LightningModule):
 
 #: State-dict prefix of the value head in checkpoints written before it moved into ``objective``.
 LEGACY_VALUE_HEAD = "value_head."
+
+
+def _detail(agreement: Any) -> str:
+    """A check's numbers for its warning (the dtype, the largest difference, the tolerance); none for a pass that could not run."""
+    return f" ({agreement})" if isinstance(agreement, Agreement) else ""
 
 
 def loss_scaler(trainer: Any) -> Any:

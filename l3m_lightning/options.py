@@ -73,8 +73,8 @@ class PolicyArgs(_Group):
         init_seed: seed of the embedded model's random init.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
         fused_forward: reference and sampled sequences in one padding-free (packed) forward/backward;
-            checked once against two padded passes, which it falls back to for a model that ignores
-            packed position ids.
+            checked once against two padded passes (to the rounding of the dtype the model computes
+            in), which it falls back to for a model that ignores packed position ids.
         share_prompts: score each prompt once for its reference and its K samples (two forward
             calls: the prompts with their references, then the samples on the prompts' keys/values,
             gradients through them) whenever that computes fewer positions than the packed or padded

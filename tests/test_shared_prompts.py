@@ -136,8 +136,9 @@ class _NoCache(torch.nn.Module):
         return self.inner(**kwargs)
 
 
-def test_the_check_catches_a_model_that_ignores_the_cache(tokenizer, step):
-    model = build_embedded_model(tokenizer, GQA, seed=0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_check_catches_a_model_that_ignores_the_cache(tokenizer, step, dtype):
+    model = build_embedded_model(tokenizer, GQA, seed=0).to(dtype)
     prompt_ids, prompt_mask, parts = step
     shared = share_prompts(prompt_ids, prompt_mask, parts, tokenizer.pad_token_id)
     assert sharing_matches_padding(model, shared, [rows for rows, _ in parts])
