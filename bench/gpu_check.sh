@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, four phases (run in this order) on the embedded default scaled to a ~122M-parameter Llama (hidden 768,
+# GPU check, five phases (run in this order) on the embedded default scaled to a ~122M-parameter Llama (hidden 768,
 # 12 layers, MLP 3328, vocab 2048), bf16-mixed:
 #   throughput  a short L3M fit with Lightning's FSDPStrategy (FSDP1, LlamaDecoderLayer auto-wrap);
 #               prints tokens/s and model FLOPs utilisation (bench/gpu_throughput.py) and checks that
@@ -8,6 +8,9 @@
 #               pinned, bf16 weights: the lean sampler's sampled tokens/s against transformers' generate and a
 #               bare decode loop, and against issue 16's target (5x the 815 tokens/s the throughput phase sampled
 #               on 2026-11-27 on one device, STRATEGY=auto, decoding with generate).
+#   shapes      bench/fresh_shapes.py on one GPU, the same model and batch: each step's parts on a batch of unseen shapes
+#               and on the same batch again, with cuDNN attention kept out (model.policy.cudnn_attention false, the
+#               default) and let in (PyTorch's choice on Hopper: a plan built per new shape).
 #   resume      FSDP1 with sharded checkpoints, the value baseline and WARMUP (default 2) steps of constraint
 #               warm-up: fit 12 steps, resume from `last` to 18, and check from TensorBoard that the resumed
 #               steps continue the step count and the μ schedule (μ = 0.8^floor((step − WARMUP)/4), which a
@@ -44,7 +47,7 @@ BATCH=${BATCH:-16}
 NUM_SAMPLES=${NUM_SAMPLES:-4}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
 PRECISION=${PRECISION:-bf16-mixed}
-PHASES=${PHASES:-"throughput sampler resume fsdp2"}   # run in this order, whatever the order named
+PHASES=${PHASES:-"throughput sampler shapes resume fsdp2"}   # run in this order, whatever the order named
 SAMPLER_CONFIG=${SAMPLER_CONFIG:-122m}   # a CPU dry run: SAMPLER_CONFIG=embedded ACCELERATOR=cpu
 FIT_TIMEOUT=${FIT_TIMEOUT:-300}
 WARMUP=${WARMUP:-2}
@@ -143,6 +146,17 @@ print(f"sampled tokens/s: lean {lean:.0f}, generate {generate:.0f} (lean/generat
       f"bare decode loop {r['bare_decode_tokens_per_s']:.0f}; issue 16's target: >= 5 x 815 = 4075 (lean: {lean / 815:.1f}x)")
 PY
   [[ $? == 0 ]] && VERDICT[sampler]=PASS || VERDICT[sampler]=FAIL
+fi
+
+if [[ " $PHASES " == *" shapes "* ]]; then
+  echo "=== phase shapes ==="
+  ok=PASS
+  for variant in "" "--cudnn-attention"; do
+    timeout -k 20 "$FIT_TIMEOUT" "$PYTHON" bench/fresh_shapes.py --config "$SAMPLER_CONFIG" --device "$TORCH_DEVICE" --dtype bfloat16 \
+      --batch-size "$BATCH" --num-samples "$NUM_SAMPLES" --max-new-tokens "$MAX_NEW_TOKENS" --steps 3 --warmup 2 $variant \
+      --out "$OUT/fresh_shapes${variant:+_cudnn}.json" 2>&1 | grep -v "tokenizing" || ok=FAIL
+  done
+  VERDICT[shapes]=$ok
 fi
 
 if [[ " $PHASES " == *" resume "* ]]; then

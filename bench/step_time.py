@@ -154,7 +154,7 @@ def fit_step_time(name: str, args) -> dict:
                         "precision": "bf16-true" if args.dtype == "bfloat16" else "32-true",
                         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": folder}},
                         "callbacks": [{"class_path": "l3m_lightning.callbacks.StepTimer", "init_args": {"output_path": str(times)}}]},
-            "model": {"policy": {"config": dict(CONFIGS[name]) or None}, "sft_loss_reduction": "sequence",
+            "model": {"policy": {"config": dict(CONFIGS[name]) or None, "cudnn_attention": args.cudnn_attention}, "sft_loss_reduction": "sequence",
                       "constraints": [{"name": "length", "sense": "at_most", "threshold": 10, "scale": 10}],
                       "sampling": sampling_options(args), "optimizer": {"learning_rate": 1e-4}, "export_dir": ""},
             "data": {"batch_size": args.batch_size, "embedded_num_prompts": max(200, 4 * args.batch_size), "max_val_rows": 8},
@@ -421,19 +421,23 @@ def main() -> None:
     parser.add_argument("--gradient-clip-val", type=float, default=1.0, help="as trainer.gradient_clip_val (0: none)")
     parser.add_argument("--fit-steps", type=int, default=5, help="timed steps of the same run under cli.py fit (0: skip)")
     parser.add_argument("--rounds", type=int, default=1, help="alternated rounds of the bench's process and cli.py fit's (medians)")
+    parser.add_argument("--cudnn-attention", action="store_true", help="model.policy.cudnn_attention: let SDPA use cuDNN's kernels")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "step_time.json"))
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._one:  # child: one config, result as JSON on the last stdout line
-        print(json.dumps(run_one(args._one, args)))
+        from l3m_lightning.attention import attention_kernels
+
+        with attention_kernels(args.cudnn_attention):  # as the module's steps run (model.policy.cudnn_attention)
+            print(json.dumps(run_one(args._one, args)))
         return
 
     results = []
     for name in args.configs:  # one subprocess per config, so peak RSS is that config's
         cmd = [sys.executable, __file__, "--_one", name, "--batch-size", str(args.batch_size), "--num-samples", str(args.num_samples),
                "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device, "--dtype", args.dtype, "--decoder", args.decoder, "--gradient-clip-val", str(args.gradient_clip_val)]
+               "--device", args.device, "--dtype", args.dtype, "--decoder", args.decoder, "--gradient-clip-val", str(args.gradient_clip_val)] + ["--cudnn-attention"] * args.cudnn_attention
         rounds = []
         for i in range(args.rounds):  # the bench's process, then cli.py fit's, alternated
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -461,6 +465,7 @@ def main() -> None:
         "rounds": args.rounds,
         "decoder": args.decoder,
         "gradient_clip_val": args.gradient_clip_val,
+        "cudnn_attention": args.cudnn_attention,
         "command": " ".join(["python bench/step_time.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),

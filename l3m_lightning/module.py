@@ -31,6 +31,7 @@ from torchmetrics import CatMetric
 from torchmetrics.text import Perplexity
 
 from constraints import Constraint, build_constraints
+from l3m_lightning.attention import attention_kernels
 from l3m_lightning.callbacks import JsonlPredictionWriter
 from l3m_lightning.checkpointing import ExactResume
 from l3m_lightning.constants import IGNORE_INDEX
@@ -155,20 +156,25 @@ class L3MModule(L.LightningModule):
 
     # --- the training step ----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        rollouts = self.sample(batch, self.options.sampling.num_samples) if self.constraints_active() else None
-        sft, pg = self.policy_logprobs(batch, rollouts)
-        sft_loss, token_nll = self.reduce_sft_loss(sft.sums(), sft.counts())
-        self.log_dict({"train/sft_loss": token_nll, "train/ppl": token_nll.exp()}, prog_bar=True)
-        if rollouts is None:  # plain SFT, or the constraint warm-up
-            idle = self.objective.idle_loss()  # DDP/FSDP expect every parameter in the graph
-            return sft_loss if idle is None else sft_loss + idle
-        completions = self.decode(rollouts)
-        step = self.objective.step(batch["prompts"], completions, rollouts, pg, columns=dataset_columns(batch),
-                                   reduce_sum=self.reduce_sum, global_step=self.global_step)
+        with attention_kernels(self.options.policy.cudnn_attention):  # no cuDNN attention plan per new shape (attention.py)
+            rollouts = self.sample(batch, self.options.sampling.num_samples) if self.constraints_active() else None
+            sft, pg = self.policy_logprobs(batch, rollouts)
+            sft_loss, token_nll = self.reduce_sft_loss(sft.sums(), sft.counts())
+            self.log_dict({"train/sft_loss": token_nll, "train/ppl": token_nll.exp()}, prog_bar=True)
+            if rollouts is None:  # plain SFT, or the constraint warm-up
+                idle = self.objective.idle_loss()  # DDP/FSDP expect every parameter in the graph
+                return sft_loss if idle is None else sft_loss + idle
+            completions = self.decode(rollouts)
+            step = self.objective.step(batch["prompts"], completions, rollouts, pg, columns=dataset_columns(batch),
+                                       reduce_sum=self.reduce_sum, global_step=self.global_step)
         self.last_step = step
         self.log_step(step, rollouts)
         self.maybe_log_samples(batch, rollouts, completions)
         return sft_loss + step.loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        with attention_kernels(self.options.policy.cudnn_attention):  # gradient checkpointing runs forwards here
+            super().backward(loss, *args, **kwargs)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # μ decays per optimiser step (not per batch, so gradient accumulation does not speed it
@@ -307,7 +313,7 @@ class L3MModule(L.LightningModule):
         """
         if self._trainer is None or self.trainer.world_size == 1:
             return bool(flag)
-        agreed = self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device), reduce_op="mean")
+        agreed = self.trainer.strategy.reduce(torch.tensor(float(bool(flag)), device=self.device), reduce_op="mean")
         return bool(agreed.item() == 1.0)
 
     def packing_enabled(self, parts) -> bool:
@@ -441,19 +447,22 @@ class L3MModule(L.LightningModule):
             write_report(self.trainer.log_dir or self.trainer.default_root_dir, report)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        with attention_kernels(self.options.policy.cudnn_attention):
+            self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        with attention_kernels(self.options.policy.cudnn_attention):
+            self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        rollouts = self.sample(batch, num_samples=1)
+        with attention_kernels(self.options.policy.cudnn_attention):
+            rollouts = self.sample(batch, num_samples=1)
         texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         return [
             {"prompt": p, "completion": t, "num_tokens": len(ids)}

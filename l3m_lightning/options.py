@@ -81,6 +81,9 @@ class PolicyArgs(_Group):
             pass; checked once against padded passes. Off under gradient checkpointing.
         scored_logits_only: logits for the scored tokens only (the output layer on their hidden
             states), once a batch shows the model's logits are that layer; false: every position's.
+        cudnn_attention: let scaled-dot-product attention use cuDNN's kernels, which PyTorch prefers on
+            Hopper GPUs but which build a plan for every new shape (hundreds of ms; an RL step meets new
+            shapes at every decode step): false keeps flash / memory-efficient / math (attention.py).
         lora: PEFT ``LoraConfig`` fields (e.g. ``{r: 16, lora_alpha: 32}``): train LoRA adapters only.
         merge_lora_on_export: export a plain merged model (true) or just the adapters.
     """
@@ -96,6 +99,7 @@ class PolicyArgs(_Group):
     fused_forward: bool = True
     share_prompts: bool = True
     scored_logits_only: bool = True
+    cudnn_attention: bool = False
     lora: dict[str, Any] | None = None
     merge_lora_on_export: bool = True
 

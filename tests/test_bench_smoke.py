@@ -22,7 +22,7 @@ def test_step_time_bench_runs_one_tiny_step(single_thread):
     spec.loader.exec_module(step_time)
     step_time.CONFIGS["tiny"] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
     args = argparse.Namespace(batch_size=2, num_samples=2, max_new_tokens=4, steps=1, warmup=0, device="cpu", dtype="float32",
-                              decoder="lean", gradient_clip_val=1.0, fit_steps=2)
+                              decoder="lean", gradient_clip_val=1.0, fit_steps=2, cudnn_attention=False)
     row = step_time.run_one("tiny", args)
     forwards = {f"fwd_bwd_{kind}_{k}" for kind in ("shared", "packed", "padded") for k in ("full", "varied")}
     expected = {"sft_step", "sampling", "forward", "objective", "backward", "optimizer", "l3m_step", "l3m_step_padded", "bare_decode",
@@ -142,17 +142,21 @@ def _tiny_wheel(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_gpu_check_sampler_phase_dry_run_installs_wheels_and_passes(tmp_path):
-    """The sampler phase end to end on CPU, with WHEELS installed by the preflight into OUT/site and put on the path."""
+    """The sampler and shapes phases end to end on CPU, with WHEELS installed by the preflight into OUT/site and put on the path."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _tiny_wheel(wheels)
-    run = _gpu_check(tmp_path, WHEELS=str(wheels), PHASES="sampler")
+    run = _gpu_check(tmp_path, WHEELS=str(wheels), PHASES="sampler shapes")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "=== preflight" in run.stdout and "accelerator cpu" in run.stdout and "datasets" in run.stdout
     assert (tmp_path / "gpu_check" / "site" / "l3m_wheel_probe.py").exists()
     assert "sampled tokens/s: lean" in run.stdout and "PHASE sampler: PASS" in run.stdout
     (result,) = json.loads((tmp_path / "gpu_check" / "step_time.json").read_text())["results"]
     assert result["config"] == "embedded" and result["sampled_tokens"] == 2 * 2 * 4
+    assert "PHASE shapes: PASS" in run.stdout  # each part on unseen shapes and again, cuDNN attention out and in
+    for name, cudnn in (("fresh_shapes.json", False), ("fresh_shapes_cudnn.json", True)):
+        shapes = json.loads((tmp_path / "gpu_check" / name).read_text())
+        assert shapes["cudnn_attention"] is cudnn and len(shapes["ms"]["sampling/fresh"]) == len(shapes["ms"]["sampling/repeat"]) == 3
 
 
 def test_fit_speed_with_natural_lengths_times_every_variant_and_reads_their_sampled_lengths(tmp_path):
