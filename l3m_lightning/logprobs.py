@@ -202,12 +202,19 @@ HALF_PRECISION_NATS = {torch.bfloat16: 0.05, torch.float16: 0.00625}
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype the model's matmuls run in: autocast's where it is on for the parameters' device, else the parameters'."""
+    """The dtype the model's matmuls run in: autocast's where it is on for the parameters' device, else the dtype
+    FSDP1 casts its units' parameters to (its ``mixed_precision.param_dtype``), else the parameters'."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     if param is None:
         return torch.float32
     if torch.is_autocast_enabled(param.device.type):
         return torch.get_autocast_dtype(param.device.type)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for module in model.modules():
+        cast = getattr(getattr(module, "mixed_precision", None), "param_dtype", None) if isinstance(module, FullyShardedDataParallel) else None
+        if cast is not None:
+            return cast
     return param.dtype
 
 

@@ -265,3 +265,16 @@ def test_scored_logits_only_false_scores_every_position(parts, tokenizer):
     module.policy_logprobs(batch, None)
     scored = int((parts[0][2][:, 1:] != IGNORE_INDEX).sum())
     assert module._head_ok is True and seen[-1] == scored  # after the check's own passes: the scored rows only
+
+
+def test_compute_dtype_reads_fsdp1_parameter_casting():
+    """Under FSDP1 with ``param_dtype`` bfloat16 (``bf16-true``) the parameters are float32 outside the forward, computed in bfloat16."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+
+    unit = FullyShardedDataParallel.__new__(FullyShardedDataParallel)  # a unit as FSDP1 leaves it, without a process group
+    torch.nn.Module.__init__(unit)
+    unit.mixed_precision = MixedPrecision(param_dtype=torch.bfloat16)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), unit)
+    assert compute_dtype(model) == torch.bfloat16
+    unit.mixed_precision = MixedPrecision()  # no casting: the parameters' own dtype
+    assert compute_dtype(model) == torch.float32
