@@ -20,20 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.step_time import CONFIGS, Timer  # noqa: E402
+# run as a script, bench/ is on the path: step_time sets the offline environment and puts the project on the path
+from step_time import CONFIGS, ROOT, Timer, bench_module_and_batches
 
 PARTS = ("sampling", "forward", "backward", "optimizer")
 
@@ -41,29 +33,12 @@ PARTS = ("sampling", "forward", "backward", "optimizer")
 def run(args) -> dict:
     import torch
 
-    from l3m_lightning.data import ChatDataModule
-    from l3m_lightning.module import L3MModule
-
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    module = L3MModule(
-        policy={"config": dict(CONFIGS[args.config]) or None, "torch_dtype": None, "cudnn_attention": args.cudnn_attention},
-        constraints=[{"name": "length", "sense": "at_most", "threshold": 10, "scale": 10}],
-        sampling={"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens},
-        sft_loss_reduction="sequence",
-        optimizer={"learning_rate": 1e-4},
-    ).to(device)
-    if args.dtype != "float32":
-        module.model.to(getattr(torch, args.dtype))
-    module.train()
+    module, batches = bench_module_and_batches(args.config, args, args.warmup + args.steps + 1)
     policy = module.options.policy
     module.options.policy = {"default": policy, "shared": replace(policy, share_prompts=True),
                              "packed": replace(policy, share_prompts=False, fused_forward=True),
                              "padded": replace(policy, share_prompts=False, fused_forward=False)}[args.forward]
-    data = ChatDataModule(batch_size=args.batch_size, embedded_num_prompts=max(200, 4 * args.batch_size), max_val_rows=8)
-    data.setup("fit")
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-               for b, _ in zip(data.train_dataloader(), range(args.warmup + args.steps + 1))]
     optimizer = module.build_optimizer(total_steps=1000)["optimizer"]
     timer = Timer(device)
     taken = []
@@ -124,6 +99,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--decoder", default="lean", choices=["lean", "generate"], help="model.sampling.decoder")
     parser.add_argument("--cudnn-attention", action="store_true", help="model.policy.cudnn_attention: let SDPA use cuDNN's kernels")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-rows", type=int, default=25)

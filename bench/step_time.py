@@ -174,21 +174,19 @@ def sampling_options(args) -> dict:
             "decoder": args.decoder}
 
 
-def run_one(name: str, args) -> dict:
+def bench_module_and_batches(name: str, args, n_batches: int):
+    """The bench's module (config ``name``, one length constraint, lengths pinned, ``args.dtype`` weights, training mode)
+    on ``args.device``, and ``n_batches`` batches of the embedded data there: a new batch each step, as fit's steps get
+    (prompt and reference lengths vary)."""
     import torch
 
-    from dataclasses import replace
-
     from l3m_lightning.data import ChatDataModule
-    from l3m_lightning.module import L3MModule, dataset_columns
-    from l3m_lightning.logprobs import share_prompts, shared_prompt_token_logprobs
-    from l3m_lightning.sampling import pack_rollouts
+    from l3m_lightning.module import L3MModule
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    overrides = dict(CONFIGS[name])
     module = L3MModule(
-        policy={"config": overrides or None, "torch_dtype": None},
+        policy={"config": dict(CONFIGS[name]) or None, "torch_dtype": None, "cudnn_attention": args.cudnn_attention},
         constraints=[{"name": "length", "sense": "at_most", "threshold": 10, "scale": 10}],
         sampling=sampling_options(args),
         sft_loss_reduction="sequence",
@@ -197,13 +195,24 @@ def run_one(name: str, args) -> dict:
     if args.dtype != "float32":
         module.model.to(getattr(torch, args.dtype))
     module.train()
-    n_params = sum(p.numel() for p in module.model.parameters())
-
     data = ChatDataModule(batch_size=args.batch_size, embedded_num_prompts=max(200, 4 * args.batch_size), max_val_rows=8)
     data.setup("fit")
-    # a new batch every iteration, as fit's steps get (prompt and reference lengths vary)
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-               for b, _ in zip(data.train_dataloader(), range(args.warmup + args.steps))]
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b, _ in zip(data.train_dataloader(), range(n_batches))]
+    return module, batches
+
+
+def run_one(name: str, args) -> dict:
+    import torch
+
+    from dataclasses import replace
+
+    from l3m_lightning.module import dataset_columns
+    from l3m_lightning.logprobs import share_prompts, shared_prompt_token_logprobs
+    from l3m_lightning.sampling import pack_rollouts
+
+    device = torch.device(args.device)
+    module, batches = bench_module_and_batches(name, args, args.warmup + args.steps)
+    n_params = sum(p.numel() for p in module.model.parameters())
     batch = batches[0]
     built = module.build_optimizer(total_steps=1000)  # what configure_optimizers gives fit: AdamW (fused) + warm-up-cosine
     optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
@@ -330,7 +339,7 @@ def run_one(name: str, args) -> dict:
 
     return with_ratios({
         "config": name,
-        "model_config": {**overrides},
+        "model_config": dict(CONFIGS[name]),
         "params_millions": n_params / 1e6,
         "batch_size": args.batch_size,
         "num_samples": args.num_samples,
