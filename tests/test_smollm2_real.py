@@ -58,6 +58,45 @@ def test_smollm2_answers_and_stops_at_its_end_of_turn(smollm2_folder):
     assert "Paris" in tokenizer.decode(new) and new[-1] == im_end
 
 
+SENTENCES = (  # the long first one sets the packed rows' width, so the short ones share rows
+    "The capital of France is Paris, a city on the Seine that has been a centre of trade, learning and art for well over a "
+    "thousand years, and whose museums, bridges and cafes draw visitors from every part of the world in every season.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "A short answer is often the most helpful one.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Please summarise the following paragraph in two sentences or fewer.",
+)
+
+
+def test_half_precision_checks_pass_smollm2s_rounding_and_catch_its_cross_sequence_attention(smollm2_folder):
+    """In bfloat16 a pretrained model's packed and padded passes differ by rounding alone (beyond float32's 1e-3), and
+    a model that attends across packed sequences by tens of nats: the check must pass the first and fail the second."""
+    from test_logprobs import _IgnoresPositions
+
+    from l3m_lightning.constants import IGNORE_INDEX
+    from l3m_lightning.logprobs import packing_matches_padding
+    from l3m_lightning.policy import load_policy, load_tokenizer
+
+    tokenizer = load_tokenizer(SMOLLM2)
+    model = load_policy(SMOLLM2, tokenizer).to(torch.bfloat16)
+    pad = tokenizer.pad_token_id
+    rows = [tokenizer(text)["input_ids"] for text in SENTENCES]
+    parts = []
+    for group in (rows[:3], rows[3:]):  # each row scored on its second half, as a response after its prompt
+        width = max(map(len, group))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in group])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in group])
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for i, r in enumerate(group):
+            labels[i, len(r) // 2 : len(r)] = ids[i, len(r) // 2 : len(r)]
+        parts.append((ids, mask, labels))
+    agreed = packing_matches_padding(model, parts, pad)
+    assert agreed and agreed.worst > 1e-3, agreed
+    leaky = packing_matches_padding(_IgnoresPositions(model), parts, pad)
+    assert not leaky and leaky.worst > 3, leaky  # 5.8 nats here (2026-11-29), against 0.29 of rounding
+
+
 def test_one_constrained_step_on_sharegpt_exports_a_plain_model(smollm2_folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -80,3 +119,25 @@ def test_one_constrained_step_on_sharegpt_exports_a_plain_model(smollm2_folder, 
     reloaded = AutoModelForCausalLM.from_pretrained(export)
     assert getattr(reloaded.config, "quantization_config", None) is None
     assert torch.equal(reloaded.state_dict()["model.norm.weight"], cli.model.model.state_dict()["model.norm.weight"])
+
+
+@pytest.mark.slow
+def test_check_drift_bench_separates_rounding_from_cross_sequence_attention(smollm2_folder, tmp_path):
+    """bench/check_drift.py end to end: in bfloat16 the rounding stays under the check's bound, cross-sequence attention far above."""
+    import importlib.util
+    import sys
+
+    from l3m_lightning.logprobs import HALF_PRECISION_NATS
+
+    spec = importlib.util.spec_from_file_location("check_drift", ROOT / "bench" / "check_drift.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "bench"))  # as when run as a script: it imports step_time beside it
+    try:
+        spec.loader.exec_module(bench)
+        result = bench.main(["--batches", "1", "--out", str(tmp_path / "drift.json")])
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = {r["precision"]: r for r in result["rows"]}
+    assert rows["float32"]["rounding"] < 1e-3
+    for precision in ("bfloat16 weights", "bfloat16 autocast"):
+        assert 1e-3 < rows[precision]["rounding"] < HALF_PRECISION_NATS[torch.bfloat16] < rows[precision]["cross_sequence"]
