@@ -25,14 +25,13 @@
 # Before any phase, a preflight imports the stack (torch first on its own, then with WHEELS on the path)
 # and touches the GPU, each step under PREFLIGHT_TIMEOUT s: a hang there costs that, not a phase's timeout.
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
-# Measured on one H200 (2026-11-27): the first three phases PASS; numbers in docs/results.md ("GPU check").
-# A CPU dry run of every phase with a tiny model (ACCELERATOR=cpu STRATEGY=auto RESUME_STRATEGY=auto
-# MODEL_CONFIG="{hidden_size: 64, ...}") is in tests/test_bench_smoke.py: since the last GPU run the fused AdamW
-# (refused by Lightning's bf16-mixed clipping until the module clipped itself) and exact resume (which re-logs
-# the checkpoint's own batch) changed what the phases meet. The sampler phase (2026-11-29) has run only on CPU.
+# Measured on one H200 (2026-11-29, commit 6ea04c7): throughput, sampler, resume and fsdp2 PASS; numbers in
+# docs/results.md ("GPU check"). The shapes phase, cuDNN attention kept out (the module's default since then) and the
+# half-precision check bound have run on CPU only. A CPU dry run of every phase with a tiny model (ACCELERATOR=cpu
+# STRATEGY=auto RESUME_STRATEGY=auto MODEL_CONFIG="{hidden_size: 64, ...}") is in tests/test_bench_smoke.py.
 # On the device's image, which lacks jsonargparse, datasets and torchdata: `bash bench/device_wheels.sh` here,
 # then on the device
-#   WHEELS=.whl DEVICES=1 PHASES=sampler bash bench/gpu_check.sh      (carry: [".whl"])
+#   WHEELS=.whl STRATEGY=auto DEVICES=1 PHASES="throughput sampler shapes" bash bench/gpu_check.sh   (carry: [".whl"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
