@@ -299,12 +299,13 @@ def run_one(name: str, args) -> dict:
             loss.backward()
             optimizer_step()
 
-    def sampling_with(decoder: str) -> None:
-        """The step's sampling call with ``model.sampling.decoder`` set to ``decoder``."""
-        module.options.sampling = replace(module.options.sampling, decoder=decoder)
-        with timer(f"sampling_{decoder}"):
+    def sampling_with(decoder: str, cuda_graphs: bool = False) -> None:
+        """The step's sampling call with ``model.sampling.decoder`` set to ``decoder`` (and ``cuda_graphs``: the fixed-window step)."""
+        chosen = module.options.sampling
+        module.options.sampling = replace(chosen, decoder=decoder, cuda_graphs=cuda_graphs)
+        with timer(f"sampling_{decoder}" + ("_cuda_graphs" if cuda_graphs else "")):
             module.sample(batch, args.num_samples)
-        module.options.sampling = replace(module.options.sampling, decoder=args.decoder)
+        module.options.sampling = chosen
 
     def bare():
         with timer("bare_decode"):
@@ -333,6 +334,7 @@ def run_one(name: str, args) -> dict:
         sampled.append(phases())
         set_forward("default")
         sampling_with("lean")
+        sampling_with("lean", cuda_graphs=True)
         sampling_with("generate")
         bare_tokens.append(bare())
     timer.times.update(whole_steps)
@@ -364,6 +366,7 @@ def with_ratios(result: dict) -> dict:
         "bare_decode_tokens_per_s": bare_per_s,
         "sampling_fraction_of_bare": sampled_per_s / bare_per_s,
         "lean_over_generate_throughput": ms["sampling_generate"] / ms["sampling_lean"],
+        "cuda_graphs_over_lean_throughput": ms["sampling_lean"] / ms["sampling_lean_cuda_graphs"],
         "l3m_over_sft_step": ms["l3m_step"] / ms["sft_step"],
         "l3m_over_parts": ms["l3m_step"] / sum(ms[k] for k in PARTS),
         "default_over_padded_step": ms["l3m_step"] / ms["l3m_step_padded"],
@@ -392,7 +395,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    phases = [*PARTS, "sft_step", "l3m_step", "l3m_step_padded", "sampling_lean", "sampling_generate", "bare_decode",
+    phases = [*PARTS, "sft_step", "l3m_step", "l3m_step_padded", "sampling_lean", "sampling_lean_cuda_graphs", "sampling_generate", "bare_decode",
               *(f"fwd_bwd_{kind}_{k}" for k in ("full", "varied") for kind in FORWARDS)]
     head = f"{'config':<10}{'params':>8}" + "".join(f"{p:>24}" for p in phases)
     lines = ["per-step time, ms (median)", head]

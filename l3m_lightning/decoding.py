@@ -39,6 +39,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,9 @@ class ReservedLayer(DynamicLayer):
         length = self.keys.shape[-2]
         for name in ("keys", "values"):
             old = getattr(self, name)
-            buffer = old.new_empty(*old.shape[:-2], length + extra_tokens, old.shape[-1])
+            # zeros, not whatever the memory held: a fixed-window step (FixedWindowDecode) reads the unwritten room, masked,
+            # and a masked NaN still poisons attention (its weight 0 times NaN)
+            buffer = old.new_zeros(*old.shape[:-2], length + extra_tokens, old.shape[-1])
             buffer[..., :length, :] = old
             setattr(self, f"_{name}_buffer", buffer)
             setattr(self, name, buffer[..., :length, :])
@@ -108,6 +111,16 @@ class ReservedLayer(DynamicLayer):
         self._values_buffer[..., start:stop, :] = value_states
         self.keys, self.values = self._keys_buffer[..., :stop, :], self._values_buffer[..., :stop, :]
         return self.keys, self.values
+
+
+    def write_at(self, slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This token's keys/values at position ``slot`` (a one-element tensor) of the reserved room; all the room back.
+
+        Fixed shapes at every step (``FixedWindowDecode``): positions not written yet are masked by the caller.
+        """
+        self._keys_buffer.index_copy_(-2, slot, key_states)
+        self._values_buffer.index_copy_(-2, slot, value_states)
+        return self._keys_buffer, self._values_buffer
 
 
 def reserved_cache(config) -> DynamicCache:
@@ -247,11 +260,12 @@ class LlamaDecodeStep:
         self.lm_head = _Linear(model.lm_head, onednn)
 
     def __call__(self, token_ids: torch.Tensor, position_ids: torch.Tensor, attend: torch.Tensor | None,
-                 cache: DynamicCache) -> torch.Tensor:
+                 cache: DynamicCache, slot: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[N, V]`` (model dtype) after ``token_ids`` ``[N]`` at ``position_ids`` ``[N, 1]``.
 
         ``attend``: boolean ``[N, 1, 1, S]``, which of the ``S`` cached positions (this token's
-        included) each row may see; None when all. Appends this token's keys/values to ``cache``.
+        included) each row may see; None when all. Appends this token's keys/values to ``cache``, or
+        with ``slot`` writes them at that position of its reserved room and attends over all of the room.
         """
         x = F.embedding(token_ids, self.embed_weight)
         cos, sin = self.rotary(x, position_ids)  # [N, 1, D], broadcast over the heads
@@ -259,17 +273,18 @@ class LlamaDecodeStep:
         # rotate_half(x) * sin == (x with its halves swapped) * (sin with its first half negated): exact
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x = x + self._attention(layer, layer.input_norm(x), cos, signed_sin, attend, layer_cache)
+            x = x + self._attention(layer, layer.input_norm(x), cos, signed_sin, attend, layer_cache, slot)
             x = x + self._mlp(layer, layer.post_norm(x))
         return self.lm_head(self.norm(x))
 
     def _attention(self, layer: _LlamaLayer, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
-                   attend: torch.Tensor | None, layer_cache: ReservedLayer) -> torch.Tensor:
+                   attend: torch.Tensor | None, layer_cache: ReservedLayer, slot: torch.Tensor | None = None) -> torch.Tensor:
         n, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
         qk = torch.cat([layer.q(h), layer.k(h)], dim=1).view(n, heads + kv_heads, dim)
         swapped = qk.view(n, heads + kv_heads, 2, dim // 2).flip(2).view(n, heads + kv_heads, dim)
         qk = qk * cos + swapped * signed_sin
-        keys, values = layer_cache.update(qk[:, heads:, None, :], layer.v(h).view(n, kv_heads, 1, dim))
+        new_keys, new_values = qk[:, heads:, None, :], layer.v(h).view(n, kv_heads, 1, dim)
+        keys, values = layer_cache.update(new_keys, new_values) if slot is None else layer_cache.write_at(slot, new_keys, new_values)
         # as transformers' SDPA path (the two round differently): SDPA groups the heads itself when nothing is
         # masked, otherwise a group's query heads become query rows of its key/value head
         if attend is None and heads != kv_heads and dim <= 256:
@@ -282,6 +297,63 @@ class LlamaDecodeStep:
     @staticmethod
     def _mlp(layer: _LlamaLayer, h: torch.Tensor) -> torch.Tensor:
         return layer.down(F.silu(layer.gate(h)) * layer.up(h))
+
+
+class FixedWindowDecode:
+    """``LlamaDecodeStep`` with the same shapes at every token, so that on a GPU one captured CUDA graph replays it.
+
+    Each step attends over the whole reserved window (prompt + ``max_new_tokens`` positions, those not
+    written yet masked) and writes its keys/values at a slot held in a tensor: the same kernels on the
+    same buffers every token, so a graph captured at the first token replays them all, one launch per token
+    instead of a few hundred (the eager step of a 122M model on an H200 spent ~12 ms of host time per token,
+    2026-11-29). ``sampling.cuda_graphs``. Without CUDA the same fixed-window step runs eagerly (what the
+    tests compare with the growing window). Attending over masked positions changes no value, only the
+    kernels' blocking: the logits agree to rounding, not bit for bit.
+    """
+
+    def __init__(self, step: LlamaDecodeStep, cache: DynamicCache, window: torch.Tensor, prompt_length: int) -> None:
+        """``window``: boolean ``[N, 1, 1, P + max_new_tokens]``, the prompt's padding mask then room (``attention_window``)."""
+        n, device = window.shape[0], window.device
+        self.step, self.cache, self.window, self.prompt_length = step, cache, window, prompt_length
+        self.positions = torch.arange(window.shape[-1], device=device)
+        self.token = torch.zeros(n, dtype=torch.long, device=device)
+        self.position = torch.zeros(n, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        # a graph replays the casts autocast made while it was captured: they must not come from autocast's cache
+        self.autocast = torch.get_autocast_dtype("cuda") if device.type == "cuda" and torch.is_autocast_enabled("cuda") else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, step: int) -> torch.Tensor:
+        """Logits ``[N, V]`` after ``token`` at ``position``, the ``step``-th new token (its keys/values at slot P + step).
+
+        On CUDA the returned tensor is the graph's output buffer: read it before the next call.
+        """
+        self.token.copy_(token)
+        self.position.copy_(position)
+        self.slot.fill_(self.prompt_length + step)
+        if self.window.device.type != "cuda":
+            return self._run()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _run(self) -> torch.Tensor:
+        attend = self.window & (self.positions <= self.slot)
+        with torch.autocast("cuda", dtype=self.autocast, cache_enabled=False) if self.autocast is not None else nullcontext():
+            return self.step(self.token, self.position, attend, self.cache, slot=self.slot)
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (lazy initialisation stays out of the graph), then capture one step; both write this step's slot."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
 
 
 def attention_window(prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor | None:
@@ -357,6 +429,7 @@ def lean_sample(
     exact_draw: bool = False,
     fast_decode: bool = True,
     onednn: bool = True,
+    cuda_graphs: bool = False,
 ) -> torch.Tensor:
     """``[B*K, T]`` new tokens (samples of one prompt contiguous), pad after a row's stop token, ``T <= max_new_tokens``.
 
@@ -365,6 +438,7 @@ def lean_sample(
     fast step's matmuls are ``F.linear``'s, so that its logits are the forward's bit for bit.
     ``onednn``: the fast step's large float32 CPU matmuls on oneDNN (ignored with ``exact_draw``).
     ``fast_decode``: decode steps with ``LlamaDecodeStep`` where ``llama_decode_supported``.
+    ``cuda_graphs``: that step over a fixed window (``FixedWindowDecode``), replayed as one CUDA graph on a GPU.
     """
     k = num_samples
     mask = prompt_attention_mask.long()
@@ -382,6 +456,10 @@ def lean_sample(
     window = attention_window(mask, max_new_tokens) if fast_step is not None else None
     next_position = positions[:, -1:].repeat_interleave(k, dim=0) + 1
     prompt_length = prompt_input_ids.shape[1]
+    fixed = None
+    if fast_step is not None and cuda_graphs:
+        full = torch.ones(mask.shape[0], 1, 1, prompt_length + max_new_tokens, dtype=torch.bool, device=mask.device)
+        fixed = FixedWindowDecode(fast_step, cache, full if window is None else window, prompt_length)
     processors = logits_processors(temperature, top_k, top_p)
     stops = torch.tensor(stop_token_ids, device=logits.device)
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
@@ -397,7 +475,9 @@ def lean_sample(
         unfinished &= ~torch.isin(token, stops)
         if step == max_new_tokens - 1 or not unfinished.any():
             break
-        if fast_step is not None:
+        if fixed is not None:
+            logits = fixed(token, next_position, step).float()
+        elif fast_step is not None:
             attend = None if window is None else window[..., : prompt_length + step + 1]
             logits = fast_step(token, next_position, attend, cache).float()
         else:

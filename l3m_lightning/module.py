@@ -231,6 +231,7 @@ class L3MModule(L.LightningModule):
                 min_new_tokens=s.min_new_tokens,
                 decoder=s.decoder,
                 onednn=s.onednn,
+                cuda_graphs=s.cuda_graphs,
             )
 
     def decode(self, rollouts: Rollouts) -> list[str]:

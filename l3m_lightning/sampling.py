@@ -49,6 +49,7 @@ def sample_rollouts(
     min_new_tokens: int = 0,
     decoder: str = "lean",
     onednn: bool = True,
+    cuda_graphs: bool = False,
 ) -> Rollouts:
     """Sample ``num_samples`` responses for each left-padded prompt; no gradient is recorded.
 
@@ -66,7 +67,8 @@ def sample_rollouts(
     ``decoder="lean"`` samples with ``decoding.lean_sample`` where it can (not under lock-step
     ``synced_gpus``, not for models ``lean_decoding_supported`` rejects); otherwise ``generate``.
     Both sample the same distribution. ``onednn``: the lean decode step's large float32 CPU matmuls on
-    oneDNN (``decoding.LlamaDecodeStep``), else ``F.linear``.
+    oneDNN (``decoding.LlamaDecodeStep``), else ``F.linear``. ``cuda_graphs``: that decode step over a fixed
+    window, one CUDA graph replayed per token on a GPU (``decoding.FixedWindowDecode``).
     """
     stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     chunk = len(prompt_input_ids) if not max_rows_per_call else max(1, max_rows_per_call // num_samples)
@@ -76,7 +78,8 @@ def sample_rollouts(
     try:
         if decoder == "lean" and do_sample and not synced_gpus and lean_decoding_supported(model):
             pieces = [lean_sample(model, ids, mask, num_samples, max_new_tokens, stop_ids, pad_token_id, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, onednn=onednn) for ids, mask in chunks]
+                                  top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, onednn=onednn, cuda_graphs=cuda_graphs)
+                      for ids, mask in chunks]
         else:
             pieces = _generate(model, chunks, num_samples, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
                                do_sample, synced_gpus, min_new_tokens)

@@ -26,7 +26,7 @@ def test_step_time_bench_runs_one_tiny_step(single_thread):
     row = step_time.run_one("tiny", args)
     forwards = {f"fwd_bwd_{kind}_{k}" for kind in ("shared", "packed", "padded") for k in ("full", "varied")}
     expected = {"sft_step", "sampling", "forward", "objective", "backward", "optimizer", "l3m_step", "l3m_step_padded", "bare_decode",
-                "sampling_lean", "sampling_generate", *forwards}
+                "sampling_lean", "sampling_lean_cuda_graphs", "sampling_generate", *forwards}
     assert expected <= set(row["ms"]) and all(v > 0 for v in row["ms"].values())
     assert row["sampled_tokens"] == 2 * 2 * 4  # every row runs to max_new_tokens while timing
     row.update(step_time.fit_step_time("tiny", args))  # the same step under cli.py fit, timed by StepTimer
@@ -150,7 +150,7 @@ def test_gpu_check_sampler_phase_dry_run_installs_wheels_and_passes(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "=== preflight" in run.stdout and "accelerator cpu" in run.stdout and "datasets" in run.stdout
     assert (tmp_path / "gpu_check" / "site" / "l3m_wheel_probe.py").exists()
-    assert "sampled tokens/s: lean" in run.stdout and "PHASE sampler: PASS" in run.stdout
+    assert "sampled tokens/s: lean" in run.stdout and "with model.sampling.cuda_graphs" in run.stdout and "PHASE sampler: PASS" in run.stdout
     (result,) = json.loads((tmp_path / "gpu_check" / "step_time.json").read_text())["results"]
     assert result["config"] == "embedded" and result["sampled_tokens"] == 2 * 2 * 4
     assert "PHASE shapes: PASS" in run.stdout  # each part on unseen shapes and again, cuDNN attention out and in

@@ -437,6 +437,8 @@ def test_reserved_cache_writes_in_place_after_reserve(model):
     layer.update(k, k.clone())
     layer.reserve(4)
     buffer = layer._keys_buffer
+    # the unwritten room is zeros: a fixed-window step attends over it masked, and a masked NaN would still poison attention
+    assert not buffer[..., 3:, :].any() and not layer._values_buffer[..., 3:, :].any()
     new = torch.randn(2, 2, 1, 8)
     keys, _ = layer.update(new, new.clone())
     assert keys.data_ptr() == buffer.data_ptr() and keys.shape[-2] == 4
@@ -488,3 +490,42 @@ def test_an_fsdp2_llama_takes_the_fast_step_only_while_gathered(model, tokenizer
         torch.manual_seed(2)
         got = lean_sample(sharded, ids, mask, 2, 8, STOPS, pad, exact_draw=True)
     assert torch.equal(got, expected) and calls
+
+
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.7, "top_k": 50}, {"min_new_tokens": 6}], ids=["plain", "temperature_top_k", "min_new_tokens"])
+@pytest.mark.parametrize("lengths", [[3, 9, 6], [7, 7]], ids=["left_padded", "unpadded"])
+def test_the_fixed_window_step_gives_generates_tokens_with_the_exact_draw(model, tokenizer, monkeypatch, settings, lengths):
+    """``cuda_graphs``: every step attends over the whole reserved window (unwritten positions masked) and writes at a slot.
+    On CPU it runs eagerly (no graph), and the masked positions change no value: generate's tokens, token for token."""
+    from l3m_lightning.decoding import FixedWindowDecode
+
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded(lengths, pad)
+    widths = []
+    original = FixedWindowDecode._run
+    monkeypatch.setattr(FixedWindowDecode, "_run", lambda self: widths.append(self.window.shape[-1]) or original(self))
+    torch.manual_seed(11)
+    expected = generate_new_tokens(model, ids, mask, 3, 16, STOPS, pad, **settings)
+    torch.manual_seed(11)
+    got = lean_sample(model, ids, mask, 3, 16, STOPS, pad, exact_draw=True, cuda_graphs=True, **settings)
+    assert torch.equal(got, expected)
+    assert widths == [ids.shape[1] + 16] * (got.shape[1] - 1)  # every step after the prefill's, over the same window
+
+
+def test_sampling_options_check_cuda_graphs():
+    with pytest.raises(ValueError, match="cuda_graphs must be true or false"):
+        SamplingArgs(cuda_graphs="yes").validate("model.sampling")
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_the_modules_sampling_passes_cuda_graphs_to_the_decode_loop(tokenizer, monkeypatch, cuda_graphs):
+    from toy_problem import chat_batch, tiny_module
+
+    from l3m_lightning.decoding import FixedWindowDecode
+
+    built = []
+    original = FixedWindowDecode.__init__
+    monkeypatch.setattr(FixedWindowDecode, "__init__", lambda self, *a: built.append(1) or original(self, *a))
+    module = tiny_module(sampling={"num_samples": 2, "max_new_tokens": 4, "min_new_tokens": 4, "cuda_graphs": cuda_graphs})
+    rollouts = module.sample(chat_batch(module.tokenizer), 2)
+    assert len(built) == int(cuda_graphs) and all(len(ids) == 4 for ids in rollouts.completion_ids)
