@@ -91,14 +91,17 @@ class ReservedLayer(DynamicLayer):
     view of one preallocated buffer, as in fast inference engines.
     """
 
-    def reserve(self, extra_tokens: int) -> None:
-        """Room for ``extra_tokens`` more positions (after the prefill and the K-fold repeat)."""
+    def reserve(self, extra_tokens: int, zeroed: bool = False) -> None:
+        """Room for ``extra_tokens`` more positions (after the prefill and the K-fold repeat).
+
+        ``zeroed``: the room holds zeros, not whatever the memory held, for a fixed-window step (``FixedWindowDecode``)
+        that reads the unwritten room masked: a masked NaN still poisons attention (its weight 0 times NaN).
+        """
         length = self.keys.shape[-2]
         for name in ("keys", "values"):
             old = getattr(self, name)
-            # zeros, not whatever the memory held: a fixed-window step (FixedWindowDecode) reads the unwritten room, masked,
-            # and a masked NaN still poisons attention (its weight 0 times NaN)
-            buffer = old.new_zeros(*old.shape[:-2], length + extra_tokens, old.shape[-1])
+            shape = (*old.shape[:-2], length + extra_tokens, old.shape[-1])
+            buffer = old.new_zeros(shape) if zeroed else old.new_empty(shape)
             buffer[..., :length, :] = old
             setattr(self, f"_{name}_buffer", buffer)
             setattr(self, name, buffer[..., :length, :])
@@ -449,10 +452,10 @@ def lean_sample(
     if k > 1:  # the prompt's cache, its last logits and its mask, once per sample
         cache.batch_repeat_interleave(k)
         logits, mask = logits.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+    fast_step = LlamaDecodeStep(model, onednn=onednn and not exact_draw) if fast_decode and llama_decode_supported(model) else None
     for layer in cache.layers:
         if isinstance(layer, ReservedLayer):
-            layer.reserve(max_new_tokens)
-    fast_step = LlamaDecodeStep(model, onednn=onednn and not exact_draw) if fast_decode and llama_decode_supported(model) else None
+            layer.reserve(max_new_tokens, zeroed=fast_step is not None and cuda_graphs)
     window = attention_window(mask, max_new_tokens) if fast_step is not None else None
     next_position = positions[:, -1:].repeat_interleave(k, dim=0) + 1
     prompt_length = prompt_input_ids.shape[1]

@@ -435,9 +435,9 @@ def test_reserved_cache_writes_in_place_after_reserve(model):
     layer = cache.layers[0]
     k = torch.randn(2, 2, 3, 8)
     layer.update(k, k.clone())
-    layer.reserve(4)
+    layer.reserve(4, zeroed=True)
     buffer = layer._keys_buffer
-    # the unwritten room is zeros: a fixed-window step attends over it masked, and a masked NaN would still poison attention
+    # zeroed room: a fixed-window step attends over it masked, and a masked NaN would still poison attention
     assert not buffer[..., 3:, :].any() and not layer._values_buffer[..., 3:, :].any()
     new = torch.randn(2, 2, 1, 8)
     keys, _ = layer.update(new, new.clone())
@@ -523,9 +523,11 @@ def test_the_modules_sampling_passes_cuda_graphs_to_the_decode_loop(tokenizer, m
 
     from l3m_lightning.decoding import FixedWindowDecode
 
-    built = []
-    original = FixedWindowDecode.__init__
+    built, room_zeroed = [], []
+    original, reserve = FixedWindowDecode.__init__, ReservedLayer.reserve
     monkeypatch.setattr(FixedWindowDecode, "__init__", lambda self, *a: built.append(1) or original(self, *a))
+    monkeypatch.setattr(ReservedLayer, "reserve", lambda self, n, zeroed=False: room_zeroed.append(zeroed) or reserve(self, n, zeroed))
     module = tiny_module(sampling={"num_samples": 2, "max_new_tokens": 4, "min_new_tokens": 4, "cuda_graphs": cuda_graphs})
     rollouts = module.sample(chat_batch(module.tokenizer), 2)
     assert len(built) == int(cuda_graphs) and all(len(ids) == 4 for ids in rollouts.completion_ids)
+    assert room_zeroed and set(room_zeroed) == {cuda_graphs}  # the fixed window reads the unwritten room: zeros there
