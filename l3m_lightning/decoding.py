@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -114,7 +115,6 @@ class ReservedLayer(DynamicLayer):
         self._values_buffer[..., start:stop, :] = value_states
         self.keys, self.values = self._keys_buffer[..., :stop, :], self._values_buffer[..., :stop, :]
         return self.keys, self.values
-
 
     def write_at(self, slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This token's keys/values at position ``slot`` (a one-element tensor) of the reserved room; all the room back.
@@ -324,6 +324,7 @@ class FixedWindowDecode:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         # a graph replays the casts autocast made while it was captured: they must not come from autocast's cache
         self.autocast = torch.get_autocast_dtype("cuda") if device.type == "cuda" and torch.is_autocast_enabled("cuda") else None
+        self.use_graph = device.type == "cuda"  # False from the first failed capture on: eager fixed-window steps
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -335,10 +336,15 @@ class FixedWindowDecode:
         self.token.copy_(token)
         self.position.copy_(position)
         self.slot.fill_(self.prompt_length + step)
-        if self.window.device.type != "cuda":
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture()
+            except RuntimeError as error:  # an op the graph cannot hold: this call decodes eagerly, over the same window
+                warnings.warn(f"model.sampling.cuda_graphs: the decode step could not be captured as a CUDA graph ({error}); "
+                              "decoding without one")
+                self.use_graph = False
+        if not self.use_graph:
             return self._run()
-        if self.graph is None:
-            self._capture()
         self.graph.replay()
         return self.logits
 

@@ -531,3 +531,30 @@ def test_the_modules_sampling_passes_cuda_graphs_to_the_decode_loop(tokenizer, m
     rollouts = module.sample(chat_batch(module.tokenizer), 2)
     assert len(built) == int(cuda_graphs) and all(len(ids) == 4 for ids in rollouts.completion_ids)
     assert room_zeroed and set(room_zeroed) == {cuda_graphs}  # the fixed window reads the unwritten room: zeros there
+
+
+def test_a_decode_step_that_cannot_be_captured_decodes_without_a_graph(model, tokenizer, monkeypatch):
+    """A failed CUDA-graph capture (faked here: no GPU) warns once, and the call decodes eagerly over the same window:
+    the same tokens as without graphs."""
+    from l3m_lightning.decoding import FixedWindowDecode
+
+    original = FixedWindowDecode.__init__
+
+    def on_a_gpu(self, *args):
+        original(self, *args)
+        self.use_graph = True  # as on CUDA
+
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(FixedWindowDecode, "__init__", on_a_gpu)
+    monkeypatch.setattr(FixedWindowDecode, "_capture", refuse)
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([3, 9, 6], pad)
+    torch.manual_seed(5)
+    expected = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True)
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match="could not be captured as a CUDA graph") as caught:
+        got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
+    assert torch.equal(got, expected)
+    assert sum("CUDA graph" in str(w.message) for w in caught) == 1
