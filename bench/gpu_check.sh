@@ -21,13 +21,14 @@
 #   bash bench/gpu_check.sh                       # all visible GPUs, all phases
 #   DEVICES=1 PHASES=throughput bash bench/gpu_check.sh
 #   overrides: DEVICES STEPS BATCH NUM_SAMPLES MAX_NEW_TOKENS PEAK_TFLOPS OUT ACCELERATOR PRECISION MODEL_CONFIG PHASES
-#              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP SAMPLER_CONFIG WHEELS PREFLIGHT_TIMEOUT PYTHON
+#              STRATEGY RESUME_STRATEGY FIT_TIMEOUT WARMUP SAMPLER_CONFIG WHEELS PREFLIGHT_TIMEOUT PYTHON FIT_ARGS
 # Before any phase, a preflight imports the stack (torch first on its own, then with WHEELS on the path)
 # and touches the GPU, each step under PREFLIGHT_TIMEOUT s: a hang there costs that, not a phase's timeout.
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
 # Measured on one H200 (2026-11-29, commit 6ea04c7): throughput, sampler, resume and fsdp2 PASS; numbers in
-# docs/results.md ("GPU check"). The shapes phase, cuDNN attention kept out (the module's default since then) and the
-# half-precision check bound have run on CPU only. A CPU dry run of every phase with a tiny model (ACCELERATOR=cpu
+# docs/results.md ("GPU check"). The shapes phase, cuDNN attention kept out (the module's default since then), the
+# half-precision check bound and model.sampling.cuda_graphs (timed by the sampler phase; FIT_ARGS for a fit) have run
+# on CPU only. A CPU dry run of every phase with a tiny model (ACCELERATOR=cpu
 # STRATEGY=auto RESUME_STRATEGY=auto MODEL_CONFIG="{hidden_size: 64, ...}") is in tests/test_bench_smoke.py.
 # On the device's image, which lacks jsonargparse, datasets and torchdata: `bash bench/device_wheels.sh` here,
 # then on the device
@@ -51,6 +52,7 @@ SAMPLER_CONFIG=${SAMPLER_CONFIG:-122m}   # a CPU dry run: SAMPLER_CONFIG=embedde
 FIT_TIMEOUT=${FIT_TIMEOUT:-300}
 WARMUP=${WARMUP:-2}
 WHEELS=${WHEELS:-}                       # a folder of wheels to install first (bench/device_wheels.sh)
+FIT_ARGS=${FIT_ARGS:-}                   # more cli.py flags for every fit, e.g. "--model.sampling.cuda_graphs true" (split on spaces)
 PREFLIGHT_TIMEOUT=${PREFLIGHT_TIMEOUT:-120}
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}   # python3: the one that holds torch on the device's image
 MODEL_CONFIG=${MODEL_CONFIG:-"{hidden_size: 768, intermediate_size: 3328, num_hidden_layers: 12, num_attention_heads: 12, num_key_value_heads: 12}"}
@@ -108,7 +110,7 @@ fit() {  # common flags for every phase; extra flags follow. A run that hangs is
     --trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0 --trainer.enable_progress_bar false \
     --trainer.log_every_n_steps 1 \
     --model.policy.config "$MODEL_CONFIG" --model.sampling.num_samples "$NUM_SAMPLES" --model.sampling.max_new_tokens "$MAX_NEW_TOKENS" \
-    --model.optimizer.learning_rate 3.0e-4 --model.evaluation.log_samples_every_n_steps 0 --data.batch_size "$BATCH" "$@"
+    --model.optimizer.learning_rate 3.0e-4 --model.evaluation.log_samples_every_n_steps 0 --data.batch_size "$BATCH" $FIT_ARGS "$@"
 }
 
 export_loads() {  # the exported hf_model (full state dict gathered from the shards) loads with transformers

@@ -184,13 +184,16 @@ def test_fit_speed_with_natural_lengths_times_every_variant_and_reads_their_samp
 
 @pytest.mark.slow
 def test_gpu_check_fit_phases_pass_as_a_cpu_dry_run(tmp_path):
-    """throughput, resume and fsdp2 end to end on CPU with a tiny model in bf16-mixed, the check's own precision:
+    """throughput, resume and fsdp2 end to end on CPU with a tiny model in bf16-mixed, the check's own precision, and
+    FIT_ARGS passed to every fit (here the fixed-window decode step of model.sampling.cuda_graphs, eager on CPU):
     what a GPU run would meet first (a refused clip, a stale assertion) fails here instead of on a lent machine."""
     tiny = "{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4}"
     run = _gpu_check(tmp_path, PHASES="throughput resume fsdp2", RESUME_STRATEGY="auto", MODEL_CONFIG=tiny, STEPS="8",
-                     MAX_NEW_TOKENS="8", OMP_NUM_THREADS="2")
+                     MAX_NEW_TOKENS="8", OMP_NUM_THREADS="2", FIT_ARGS="--model.sampling.cuda_graphs true")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:]
     for phase in ("throughput", "resume", "fsdp2"):
         assert f"PHASE {phase}: PASS" in run.stdout
     assert "tokens/s (sampled)" in run.stdout and "matches 0.8^floor" in run.stdout
     assert json.loads((tmp_path / "gpu_check" / "throughput.json").read_text())["tokens_per_s_sampled"] > 0
+    saved = [p.read_text() for p in (tmp_path / "gpu_check").rglob("config.yaml")]  # each fit's resolved config, as run
+    assert len(saved) >= 4 and all("cuda_graphs: true" in text for text in saved)
