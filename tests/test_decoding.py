@@ -8,7 +8,7 @@ from scipy.stats import chisquare
 
 import l3m_lightning.decoding as decoding
 from l3m_lightning.decoding import (
-    LlamaDecodeStep, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
+    FixedWindowDecode, LlamaDecodeStep, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
     FLAT_CDF_MAX_VOCAB, onednn_available, onednn_linear, reserved_cache,
 )
 from l3m_lightning.embedded.model import build_embedded_model
@@ -497,8 +497,6 @@ def test_an_fsdp2_llama_takes_the_fast_step_only_while_gathered(model, tokenizer
 def test_the_fixed_window_step_gives_generates_tokens_with_the_exact_draw(model, tokenizer, monkeypatch, settings, lengths):
     """``cuda_graphs``: every step attends over the whole reserved window (unwritten positions masked) and writes at a slot.
     On CPU it runs eagerly (no graph), and the masked positions change no value: generate's tokens, token for token."""
-    from l3m_lightning.decoding import FixedWindowDecode
-
     pad = tokenizer.pad_token_id
     ids, mask = left_padded(lengths, pad)
     widths = []
@@ -521,8 +519,6 @@ def test_sampling_options_check_cuda_graphs():
 def test_the_modules_sampling_passes_cuda_graphs_to_the_decode_loop(tokenizer, monkeypatch, cuda_graphs):
     from toy_problem import chat_batch, tiny_module
 
-    from l3m_lightning.decoding import FixedWindowDecode
-
     built, room_zeroed = [], []
     original, reserve = FixedWindowDecode.__init__, ReservedLayer.reserve
     monkeypatch.setattr(FixedWindowDecode, "__init__", lambda self, *a: built.append(1) or original(self, *a))
@@ -536,8 +532,6 @@ def test_the_modules_sampling_passes_cuda_graphs_to_the_decode_loop(tokenizer, m
 def test_a_decode_step_that_cannot_be_captured_decodes_without_a_graph(model, tokenizer, monkeypatch):
     """A failed CUDA-graph capture (faked here: no GPU) warns once, and the call decodes eagerly over the same window:
     the same tokens as without graphs."""
-    from l3m_lightning.decoding import FixedWindowDecode
-
     original = FixedWindowDecode.__init__
 
     def on_a_gpu(self, *args):
