@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 # run as a script, bench/ is on the path: step_time sets the offline environment and puts the project on the path
-from step_time import CONFIGS, ROOT, Timer, bench_module_and_batches
+from step_time import CONFIGS, ROOT, Timer, bench_module_and_batches, forced_forward
 
 PARTS = ("sampling", "forward", "backward", "optimizer")
 
@@ -35,10 +34,7 @@ def run(args) -> dict:
 
     device = torch.device(args.device)
     module, batches = bench_module_and_batches(args.config, args, args.warmup + args.steps + 1)
-    policy = module.options.policy
-    module.options.policy = {"default": policy, "shared": replace(policy, share_prompts=True),
-                             "packed": replace(policy, share_prompts=False, fused_forward=True),
-                             "padded": replace(policy, share_prompts=False, fused_forward=False)}[args.forward]
+    policy = module.options.policy = forced_forward(module.options.policy, args.forward)
     optimizer = module.build_optimizer(total_steps=1000)["optimizer"]
     timer = Timer(device)
     taken = []

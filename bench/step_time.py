@@ -174,6 +174,16 @@ def sampling_options(args) -> dict:
             "decoder": args.decoder}
 
 
+def forced_forward(policy, kind: str):
+    """``policy`` (``PolicyArgs``) for a forward ``kind``: ``default`` (the module's choice: shared prompts when cheaper,
+    else packed), or forced ``shared``, ``packed`` or ``padded``."""
+    from dataclasses import replace
+
+    return {"default": policy, "shared": replace(policy, share_prompts=True),
+            "packed": replace(policy, share_prompts=False, fused_forward=True),
+            "padded": replace(policy, share_prompts=False, fused_forward=False)}[kind]
+
+
 def bench_module_and_batches(name: str, args, n_batches: int):
     """The bench's module (config ``name``, one length constraint, lengths pinned, ``args.dtype`` weights, training mode)
     on ``args.device``, and ``n_batches`` batches of the embedded data there: a new batch each step, as fit's steps get
@@ -235,11 +245,7 @@ def run_one(name: str, args) -> dict:
     defaults = module.options.policy
 
     def set_forward(kind: str) -> None:
-        """``default``: the module's choice (shared prompts when cheaper, else packed); or force ``shared``, ``packed``, ``padded``."""
-        policy = {"default": defaults, "shared": replace(defaults, share_prompts=True),
-                  "packed": replace(defaults, share_prompts=False, fused_forward=True),
-                  "padded": replace(defaults, share_prompts=False, fused_forward=False)}[kind]
-        module.options.policy = policy
+        module.options.policy = forced_forward(defaults, kind)
 
     def phases():
         """The parts of ``training_step`` (the module's default forward), each timed through the module's and the objective's own calls."""

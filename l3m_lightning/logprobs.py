@@ -197,9 +197,9 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 #: ``python bench/check_drift.py`` (CPU, 2026-11-29: SmolLM2-135M-Instruct, ShareGPT rows cut to varied lengths and
 #: packed): bfloat16 rounding moved a response's log-probability by up to 0.16 x sqrt(tokens) (bfloat16 weights; 0.13
 #: under autocast), far beyond float32's 1e-3, while attending across the packed sequences moved it by up to
-#: 31 x sqrt(tokens). The float16 bound is an eighth (its precision is 8x finer). A small random-init model's cross-sequence attention is
-#: weaker and can hide under this bound: only float32 checks tell it apart there (tests/test_logprobs.py,
-#: tests/test_smollm2_real.py).
+#: 31 x sqrt(tokens). The float16 bound is an eighth (its precision is 8x finer). A small random-init model's
+#: cross-sequence attention is weaker and can hide under this bound: only float32 checks tell it apart there
+#: (tests/test_logprobs.py, tests/test_smollm2_real.py).
 HALF_PRECISION_NATS = {torch.bfloat16: 0.5, torch.float16: 0.0625}
 
 
@@ -253,14 +253,18 @@ def agreement(got: torch.Tensor, expected: torch.Tensor, tokens: torch.Tensor, d
     return Agreement(worst, float(bound.max()) if bound.numel() else nats, dtype, bool((difference <= bound).all()))
 
 
+def agrees_with_padding(model: torch.nn.Module, got: torch.Tensor, parts: list[Batch], atol: float = 1e-3) -> Agreement:
+    """``agreement`` of ``got`` (each sequence's log-probability, ``parts`` in order) with padded passes over ``parts``."""
+    padded = [padded_token_logprobs(model, part) for part in parts]
+    expected, tokens = torch.cat([p.sums() for p in padded]), torch.cat([p.counts() for p in padded])
+    return agreement(got, expected, tokens, compute_dtype(model), atol)
+
+
 @torch.no_grad()
 def packing_matches_padding(model: torch.nn.Module, parts: list[Batch], pad_token_id: int, atol: float = 1e-3) -> Agreement:
     """Truthy when packed and padded passes agree, i.e. the model restarts attention at each position-0."""
     with evaluating(model):
-        packed = packed_token_logprobs(model, pack(parts, pad_token_id)).sums()
-        padded = [padded_token_logprobs(model, part) for part in parts]
-    expected = torch.cat([p.sums() for p in padded])
-    return agreement(packed, expected, torch.cat([p.counts() for p in padded]), compute_dtype(model), atol)
+        return agrees_with_padding(model, packed_token_logprobs(model, pack(parts, pad_token_id)).sums(), parts, atol)
 
 
 @torch.no_grad()
@@ -430,9 +434,8 @@ def sharing_matches_padding(model: torch.nn.Module, shared: SharedPrompt, parts:
     A model the pass cannot run on at all (its forward takes no cache, or keeps none) fails the check too.
     """
     with evaluating(model):
-        padded = [padded_token_logprobs(model, part) for part in parts]
         try:
             got = shared_prompt_token_logprobs(model, shared).sums()
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
             return False
-    return agreement(got, torch.cat([p.sums() for p in padded]), torch.cat([p.counts() for p in padded]), compute_dtype(model), atol)
+        return agrees_with_padding(model, got, parts, atol)
