@@ -144,7 +144,9 @@ import json, sys
 tokens, ms = r["sampled_tokens"], r["ms"]
 lean, generate = tokens / ms["sampling_lean"] * 1000, tokens / ms["sampling_generate"] * 1000
 graphs = tokens / ms["sampling_lean_cuda_graphs"] * 1000
-print(f"sampled tokens/s with model.sampling.cuda_graphs (fixed window; one CUDA graph per token on a GPU): {graphs:.0f} ({graphs / lean:.2f}x lean)")
+refused = r.get("cuda_graphs_refused")
+print(f"sampled tokens/s with model.sampling.cuda_graphs (fixed window; one CUDA graph per token on a GPU): {graphs:.0f} ({graphs / lean:.2f}x lean)"
+      + (f"; GRAPHS REFUSED, decoded eagerly: {refused}" if refused else ""))
 print(f"sampled tokens/s: lean {lean:.0f}, generate {generate:.0f} (lean/generate {lean / generate:.2f}x), "
       f"bare decode loop {r['bare_decode_tokens_per_s']:.0f}; issue 16's target: >= 5 x 815 = 4075 (lean: {lean / 815:.1f}x)")
 PY

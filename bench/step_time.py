@@ -219,6 +219,7 @@ def run_one(name: str, args) -> dict:
     from l3m_lightning.module import dataset_columns
     from l3m_lightning.logprobs import share_prompts, shared_prompt_token_logprobs
     from l3m_lightning.sampling import pack_rollouts
+    from l3m_lightning.decoding import FixedWindowDecode
 
     device = torch.device(args.device)
     module, batches = bench_module_and_batches(name, args, args.warmup + args.steps)
@@ -359,6 +360,8 @@ def run_one(name: str, args) -> dict:
         "bare_tokens": statistics.median(bare_tokens),
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        # on a GPU: why the decode step's CUDA graph was refused (capture failed, or its replay disagreed), else None
+        "cuda_graphs_refused": FixedWindowDecode.refused,
     })
 
 

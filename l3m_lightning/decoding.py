@@ -41,6 +41,7 @@ import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -311,8 +312,13 @@ class FixedWindowDecode:
     instead of a few hundred (the eager step of a 122M model on an H200 spent ~12 ms of host time per token,
     2026-11-29). ``sampling.cuda_graphs``. Without CUDA the same fixed-window step runs eagerly (what the
     tests compare with the growing window). Attending over masked positions changes no value, only the
-    kernels' blocking: the logits agree to rounding, not bit for bit.
+    kernels' blocking: the logits agree to rounding, not bit for bit. The first replay is checked against the
+    same step run eagerly (``replay_agreement``); a graph that cannot be captured or replays other logits warns
+    and the process decodes eagerly from then on (``refused`` holds why).
     """
+
+    #: Why a capture failed or a replay disagreed in this process, once it has: later calls do not try again.
+    refused: str | None = None
 
     def __init__(self, step: LlamaDecodeStep, cache: DynamicCache, window: torch.Tensor, prompt_length: int) -> None:
         """``window``: boolean ``[N, 1, 1, P + max_new_tokens]``, the prompt's padding mask then room (``attention_window``)."""
@@ -324,7 +330,7 @@ class FixedWindowDecode:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         # a graph replays the casts autocast made while it was captured: they must not come from autocast's cache
         self.autocast = torch.get_autocast_dtype("cuda") if device.type == "cuda" and torch.is_autocast_enabled("cuda") else None
-        self.use_graph = device.type == "cuda"  # False from the first failed capture on: eager fixed-window steps
+        self.use_graph = device.type == "cuda" and FixedWindowDecode.refused is None  # else eager fixed-window steps
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -336,33 +342,75 @@ class FixedWindowDecode:
         self.token.copy_(token)
         self.position.copy_(position)
         self.slot.fill_(self.prompt_length + step)
-        if self.use_graph and self.graph is None:
-            try:
-                self._capture()
-            except RuntimeError as error:  # an op the graph cannot hold: this call decodes eagerly, over the same window
-                warnings.warn(f"model.sampling.cuda_graphs: the decode step could not be captured as a CUDA graph ({error}); "
-                              "decoding without one")
-                self.use_graph = False
         if not self.use_graph:
             return self._run()
+        if self.graph is None:
+            return self._first_graph_step()
         self.graph.replay()
         return self.logits
+
+    def _first_graph_step(self) -> torch.Tensor:
+        """Capture the graph, replay it once, and keep it only if its logits are the eager step's (else decode eagerly).
+
+        The check costs one comparison per sampling call; it guards against a graph that replays stale
+        inputs or buffers, which would sample from the wrong distribution without any error.
+        """
+        try:
+            eager = self._capture()
+        except RuntimeError as error:  # an op the graph cannot hold: this call decodes eagerly, over the same window
+            self._decode_without_graph(f"the decode step could not be captured as a CUDA graph ({error})")
+            return self._run()
+        self.graph.replay()
+        verdict = replay_agreement(self.logits, eager)
+        if not verdict:
+            self._decode_without_graph(f"the decode step's CUDA graph replayed other logits than the step run eagerly ({verdict})")
+            return self._run()  # again: the replay also wrote this slot's keys/values
+        return self.logits
+
+    def _decode_without_graph(self, why: str) -> None:
+        warnings.warn(f"model.sampling.cuda_graphs: {why}; decoding without CUDA graphs from now on")
+        FixedWindowDecode.refused = why
+        self.use_graph, self.graph, self.logits = False, None, None
 
     def _run(self) -> torch.Tensor:
         attend = self.window & (self.positions <= self.slot)
         with torch.autocast("cuda", dtype=self.autocast, cache_enabled=False) if self.autocast is not None else nullcontext():
             return self.step(self.token, self.position, attend, self.cache, slot=self.slot)
 
-    def _capture(self) -> None:
-        """Warm up on a side stream (lazy initialisation stays out of the graph), then capture one step; both write this step's slot."""
+    def _capture(self) -> torch.Tensor:
+        """Warm up on a side stream (lazy initialisation stays out of the graph), then capture one step; both write this
+        step's slot. Returns the warm-up's logits: this step computed eagerly."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._run()
+            eager = self._run()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._run()
+        return eager
+
+
+@dataclass(frozen=True)
+class ReplayAgreement:
+    """Whether a graph's replayed logits are the eager step's, up to a few roundings of their dtype (truthy when so)."""
+
+    worst: float  # the largest absolute difference
+    allowed: float
+
+    def __bool__(self) -> bool:
+        return self.worst <= self.allowed
+
+    def __str__(self) -> str:
+        return f"they differ by up to {self.worst:.3g}, allowed {self.allowed:.3g}"
+
+
+def replay_agreement(replayed: torch.Tensor, eager: torch.Tensor) -> ReplayAgreement:
+    """The same kernels on the same inputs give the same logits; allowed: 4 roundings of their dtype (at least 1e-5)
+    relative to the largest logit, so that only a different result, not a different kernel's rounding, fails."""
+    scale = max(1.0, float(eager.abs().max()))
+    worst = float((replayed.float() - eager.float()).abs().max())
+    return ReplayAgreement(worst if math.isfinite(worst) else math.inf, max(4 * torch.finfo(eager.dtype).eps, 1e-5) * scale)
 
 
 def attention_window(prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor | None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from scipy.stats import chisquare
 
 import l3m_lightning.decoding as decoding
 from l3m_lightning.decoding import (
-    FixedWindowDecode, LlamaDecodeStep, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
+    FixedWindowDecode, LlamaDecodeStep, ReplayAgreement, replay_agreement, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
     FLAT_CDF_MAX_VOCAB, onednn_available, onednn_linear, reserved_cache,
 )
 from l3m_lightning.embedded.model import build_embedded_model
@@ -543,6 +545,7 @@ def test_a_decode_step_that_cannot_be_captured_decodes_without_a_graph(model, to
 
     monkeypatch.setattr(FixedWindowDecode, "__init__", on_a_gpu)
     monkeypatch.setattr(FixedWindowDecode, "_capture", refuse)
+    monkeypatch.setattr(FixedWindowDecode, "refused", None)
     pad = tokenizer.pad_token_id
     ids, mask = left_padded([3, 9, 6], pad)
     torch.manual_seed(5)
@@ -552,3 +555,91 @@ def test_a_decode_step_that_cannot_be_captured_decodes_without_a_graph(model, to
         got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
     assert torch.equal(got, expected)
     assert sum("CUDA graph" in str(w.message) for w in caught) == 1
+
+
+class _FakeGraph:
+    """What a CUDA graph does, on CPU: ``replay`` reruns the recorded step on the buffers it captured, into one output buffer."""
+
+    def __init__(self, decode: FixedWindowDecode, stale: bool) -> None:
+        self.decode, self.stale, self.replays = decode, stale, 0
+        self.frozen_token = decode.token.clone()  # a faulty graph: the inputs as they were when it was captured
+
+    def replay(self) -> None:
+        self.replays += 1
+        if self.stale:
+            current = self.decode.token.clone()
+            self.decode.token.copy_(self.frozen_token.roll(1))
+            self.decode.logits.copy_(self.decode._run())
+            self.decode.token.copy_(current)
+        else:
+            self.decode.logits.copy_(self.decode._run())
+
+
+def _fake_gpu_graphs(monkeypatch, stale: bool) -> list[_FakeGraph]:
+    """FixedWindowDecode as on CUDA, its capture faked on CPU as ``_capture`` builds it: an eager warm-up, then the graph."""
+    graphs = []
+    original = FixedWindowDecode.__init__
+
+    def on_a_gpu(self, *args):
+        original(self, *args)
+        self.use_graph = FixedWindowDecode.refused is None  # as on CUDA
+
+    def capture(self):
+        eager = self._run()
+        self.graph = _FakeGraph(self, stale)
+        self.logits = torch.empty_like(eager)
+        graphs.append(self.graph)
+        return eager
+
+    monkeypatch.setattr(FixedWindowDecode, "__init__", on_a_gpu)
+    monkeypatch.setattr(FixedWindowDecode, "_capture", capture)
+    monkeypatch.setattr(FixedWindowDecode, "refused", None)
+    return graphs
+
+
+def test_a_graph_whose_replay_agrees_is_replayed_for_every_token(model, tokenizer, monkeypatch, recwarn):
+    """One capture per sampling call, checked once, then one replay per token: the tokens of the eager loop."""
+    graphs = _fake_gpu_graphs(monkeypatch, stale=False)
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([3, 9, 6], pad)
+    torch.manual_seed(5)
+    expected = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, min_new_tokens=12)
+    torch.manual_seed(5)
+    got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, min_new_tokens=12, cuda_graphs=True)
+    assert torch.equal(got, expected)
+    assert len(graphs) == 1 and graphs[0].replays == got.shape[1] - 1  # every decode step after the prefill
+    assert not [w for w in recwarn if "cuda_graphs" in str(w.message)]
+
+
+def test_a_graph_that_replays_stale_inputs_is_dropped_and_the_call_decodes_eagerly(model, tokenizer, monkeypatch):
+    """A graph whose first replay differs from the step run eagerly is never used: one warning with the numbers,
+    the same tokens as without graphs, the graph not replayed again, and no capture in the process's later calls."""
+    graphs = _fake_gpu_graphs(monkeypatch, stale=True)
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([3, 9, 6], pad)
+    torch.manual_seed(5)
+    expected = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True)
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match=r"replayed other logits than the step run eagerly \(they differ by up to") as caught:
+        got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
+    assert torch.equal(got, expected)
+    assert len(graphs) == 1 and graphs[0].replays == 1
+    assert sum("cuda_graphs" in str(w.message) for w in caught) == 1
+    assert "replayed other logits" in FixedWindowDecode.refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(5)
+        again = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
+    assert torch.equal(again, expected) and len(graphs) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replay_agreement_allows_a_few_roundings_of_the_logits_dtype(dtype):
+    eager = torch.tensor([[12.0, -3.0, 0.5]], dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    assert replay_agreement(eager.clone(), eager)
+    assert replay_agreement(eager + 3 * eps * 12, eager)  # within 4 roundings of the largest logit
+    assert not replay_agreement(eager + 8 * max(eps, 2.5e-6) * 12, eager)
+    assert not replay_agreement(torch.full_like(eager, float("nan")), eager)
+    verdict = replay_agreement(eager.roll(1, dims=1), eager)
+    assert not verdict and "differ by up to 15" in str(verdict) and isinstance(verdict, ReplayAgreement)
