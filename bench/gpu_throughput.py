@@ -7,6 +7,9 @@ Per optimiser step it counts, summed over ranks:
 P is the parameter count (embeddings included); attention-score FLOPs are not counted, so MFU is a
 slight underestimate for long sequences. The response length is the step's logged
 ``completions/mean_length`` (+1 for EOS is ignored). Steps before ``warmup_steps`` are excluded.
+The sampling calls of the training steps are also timed on their own (synchronised before and after):
+``tokens_per_s_sampling`` is the sampler's rate inside the fit loop, on each batch's new shapes, where
+``tokens_per_s_sampled`` divides the same tokens by the whole step's time.
 MFU = FLOPs/s / (world size · peak): peak from ``--peak_tflops`` (per device, dense bf16) or guessed
 from the GPU name (H100/H200: 989, A100: 312).
 """
@@ -28,11 +31,24 @@ class ThroughputReport(L.Callback):
         self.warmup_steps, self.peak_tflops, self.out = warmup_steps, peak_tflops, out
         self.params = 0
         self.t_last = None
-        self.totals = {"seconds": 0.0, "steps": 0, "sft_tokens": 0.0, "pg_tokens": 0.0, "generated_tokens": 0.0, "prefill_tokens": 0.0}
+        self.totals = {"seconds": 0.0, "sampling_seconds": 0.0, "steps": 0, "sft_tokens": 0.0, "pg_tokens": 0.0,
+                       "generated_tokens": 0.0, "prefill_tokens": 0.0}
+        self.step_sampling_seconds = 0.0
 
     def setup(self, trainer, pl_module, stage) -> None:
         # before the strategy shards the model: the full parameter count
         self.params = sum(p.numel() for p in pl_module.model.parameters())
+        sample = pl_module.sample
+
+        def timed_sample(*args, **kwargs):  # the training steps' sampling calls (validation's are not counted)
+            if not trainer.training:
+                return sample(*args, **kwargs)
+            start = self._now(pl_module.device)
+            rollouts = sample(*args, **kwargs)
+            self.step_sampling_seconds += self._now(pl_module.device) - start
+            return rollouts
+
+        pl_module.sample = timed_sample
 
     def _now(self, device) -> float:
         if device.type == "cuda":
@@ -51,8 +67,10 @@ class ThroughputReport(L.Callback):
         if trainer.global_step > self.warmup_steps and self.t_last is not None:
             self.totals["seconds"] += now - self.t_last
             self.totals["steps"] += 1
+            self.totals["sampling_seconds"] += self.step_sampling_seconds
             for key, value in zip(["sft_tokens", "pg_tokens", "generated_tokens", "prefill_tokens"], counts):
                 self.totals[key] += value
+        self.step_sampling_seconds = 0.0
         self.t_last = self._now(pl_module.device)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -72,6 +90,8 @@ class ThroughputReport(L.Callback):
             "seconds_per_step": t["seconds"] / t["steps"],
             "tokens_per_s_trained": (t["sft_tokens"] + t["pg_tokens"]) / t["seconds"],
             "tokens_per_s_sampled": t["generated_tokens"] / t["seconds"],
+            "sampling_seconds_per_step": t["sampling_seconds"] / t["steps"],
+            "tokens_per_s_sampling": t["generated_tokens"] / t["sampling_seconds"] if t["sampling_seconds"] else None,
             "model_tflops_per_s_per_device": flops / t["seconds"] / trainer.world_size / 1e12,
             "peak_tflops_per_device": peak,
         }

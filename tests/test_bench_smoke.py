@@ -194,6 +194,8 @@ def test_gpu_check_fit_phases_pass_as_a_cpu_dry_run(tmp_path):
     for phase in ("throughput", "resume", "fsdp2"):
         assert f"PHASE {phase}: PASS" in run.stdout
     assert "tokens/s (sampled)" in run.stdout and "matches 0.8^floor" in run.stdout
-    assert json.loads((tmp_path / "gpu_check" / "throughput.json").read_text())["tokens_per_s_sampled"] > 0
+    report = json.loads((tmp_path / "gpu_check" / "throughput.json").read_text())
+    assert report["tokens_per_s_sampled"] > 0 and 0 < report["sampling_seconds_per_step"] < report["seconds_per_step"]
+    assert report["tokens_per_s_sampling"] > report["tokens_per_s_sampled"] and "sampled tokens/s while sampling" in run.stdout
     saved = [p.read_text() for p in (tmp_path / "gpu_check").rglob("config.yaml")]  # each fit's resolved config, as run
     assert len(saved) >= 4 and all("cuda_graphs: true" in text for text in saved)
