@@ -2,8 +2,9 @@
 # GPU check, five phases (run in this order) on the embedded default scaled to a ~122M-parameter Llama (hidden 768,
 # 12 layers, MLP 3328, vocab 2048), bf16-mixed:
 #   throughput  a short L3M fit with Lightning's FSDPStrategy (FSDP1, LlamaDecoderLayer auto-wrap);
-#               prints tokens/s and model FLOPs utilisation (bench/gpu_throughput.py) and checks that
-#               the exported hf_model (full state dict gathered from the shards) loads.
+#               prints tokens/s and model FLOPs utilisation (bench/gpu_throughput.py), the sampling calls'
+#               share of a step and the sampler's tokens/s inside fit, and checks that the exported hf_model
+#               (full state dict gathered from the shards) loads.
 #   sampler     bench/step_time.py on one GPU, the same model (config 122m), BATCH prompts x K, MAX_NEW_TOKENS
 #               pinned, bf16 weights: the lean sampler's sampled tokens/s against transformers' generate and a
 #               bare decode loop, and against issue 16's target (5x the 815 tokens/s the throughput phase sampled
@@ -27,8 +28,8 @@
 # Stream the output (`... | tee log`, not `| tail`): a killed pipeline shows nothing.
 # Measured on one H200 (2026-11-29, commit 6ea04c7): throughput, sampler, resume and fsdp2 PASS; numbers in
 # docs/results.md ("GPU check"). The shapes phase, cuDNN attention kept out (the module's default since then), the
-# half-precision check bound and model.sampling.cuda_graphs (timed by the sampler phase; FIT_ARGS for a fit) have run
-# on CPU only. A CPU dry run of every phase with a tiny model (ACCELERATOR=cpu
+# half-precision check bound and model.sampling.cuda_graphs (timed by the sampler phase, which prints whether its graph
+# was refused; FIT_ARGS for a fit) have run on CPU only. A CPU dry run of every phase with a tiny model (ACCELERATOR=cpu
 # STRATEGY=auto RESUME_STRATEGY=auto MODEL_CONFIG="{hidden_size: 64, ...}") is in tests/test_bench_smoke.py.
 # On the device's image, which lacks jsonargparse, datasets and torchdata: `bash bench/device_wheels.sh` here,
 # then on the device
