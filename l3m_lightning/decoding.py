@@ -378,16 +378,31 @@ class FixedWindowDecode:
             return self.step(self.token, self.position, attend, self.cache, slot=self.slot)
 
     def _capture(self) -> torch.Tensor:
-        """Warm up on a side stream (lazy initialisation stays out of the graph), then capture one step; both write this
-        step's slot. Returns the warm-up's logits: this step computed eagerly."""
+        """Warm up on a side stream (lazy initialisation stays out of the graph), then capture one step on the same stream;
+        both write this step's slot. Returns the warm-up's logits: this step computed eagerly.
+
+        One stream for both, as ``torch.cuda.make_graphed_callables`` does: libraries that keep a handle per stream
+        (hipBLASLt) create it in the warm-up, not during capture. ``capture_begin``/``capture_end`` rather than
+        ``torch.cuda.graph``, whose entry synchronises and empties the caching allocator: once per sampling call, that
+        would hand every cached block back to the driver and make the step's forward and backward allocate it again.
+        """
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             eager = self._run()
+            graph.capture_begin()
+            try:
+                logits = self._run()
+            except BaseException:
+                try:
+                    graph.capture_end()  # leave capture mode; the step's own error is the one to report
+                except RuntimeError:
+                    pass
+                raise
+            graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run()
+        self.graph, self.logits = graph, logits
         return eager
 
 
