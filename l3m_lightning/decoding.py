@@ -389,19 +389,21 @@ class FixedWindowDecode:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            eager = self._run()
-            graph.capture_begin()
-            try:
-                logits = self._run()
-            except BaseException:
+        try:
+            with torch.cuda.stream(stream):
+                eager = self._run()
+                graph.capture_begin()
                 try:
-                    graph.capture_end()  # leave capture mode; the step's own error is the one to report
-                except RuntimeError:
-                    pass
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream().wait_stream(stream)
+                    logits = self._run()
+                except BaseException:
+                    try:
+                        graph.capture_end()  # leave capture mode; the step's own error is the one to report
+                    except RuntimeError:
+                        pass
+                    raise
+                graph.capture_end()
+        finally:  # the caller's stream sees the warm-up's writes, also when it decodes eagerly after a failure
+            torch.cuda.current_stream().wait_stream(stream)
         self.graph, self.logits = graph, logits
         return eager
 
