@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -531,75 +532,84 @@ def test_the_modules_sampling_passes_cuda_graphs_to_the_decode_loop(tokenizer, m
     assert room_zeroed and set(room_zeroed) == {cuda_graphs}  # the fixed window reads the unwritten room: zeros there
 
 
-def test_a_decode_step_that_cannot_be_captured_decodes_without_a_graph(model, tokenizer, monkeypatch):
-    """A failed CUDA-graph capture (faked here: no GPU) warns once, and the call decodes eagerly over the same window:
-    the same tokens as without graphs."""
-    original = FixedWindowDecode.__init__
+class _FakeCuda:
+    """torch.cuda's streams and graphs as ``FixedWindowDecode._capture`` uses them, on CPU, so that its own code runs.
 
-    def on_a_gpu(self, *args):
-        original(self, *args)
-        self.use_graph = True  # as on CUDA
+    Captured work runs eagerly here; the graph remembers which decode step was captured, and ``replay`` reruns it
+    into the captured output buffer. ``stale``: a faulty graph, replaying the inputs of the token it was captured at.
+    ``fail_capture``: the step raises while being captured, as an op a graph cannot hold does.
+    """
 
-    def refuse(self):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def __init__(self, stale: bool = False, fail_capture: bool = False) -> None:
+        self.stale, self.fail_capture = stale, fail_capture
+        self.graphs: list[_FakeCuda.Graph] = []
+        self.capturing: _FakeCuda.Graph | None = None
+        self.events: list[str] = []
+        fake = self
 
-    monkeypatch.setattr(FixedWindowDecode, "__init__", on_a_gpu)
-    monkeypatch.setattr(FixedWindowDecode, "_capture", refuse)
-    monkeypatch.setattr(FixedWindowDecode, "refused", None)
-    pad = tokenizer.pad_token_id
-    ids, mask = left_padded([3, 9, 6], pad)
-    torch.manual_seed(5)
-    expected = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True)
-    torch.manual_seed(5)
-    with pytest.warns(UserWarning, match="could not be captured as a CUDA graph") as caught:
-        got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
-    assert torch.equal(got, expected)
-    assert sum("CUDA graph" in str(w.message) for w in caught) == 1
+        class Stream:
+            def wait_stream(self, other) -> None:
+                fake.events.append(f"{self.name} waits for {other.name}")
+
+        class Graph:
+            def __init__(self) -> None:
+                self.decode, self.replays = None, 0
+                fake.graphs.append(self)
+
+            def capture_begin(self) -> None:
+                fake.events.append("capture_begin")
+                fake.capturing = self
+
+            def capture_end(self) -> None:
+                fake.events.append("capture_end")
+                fake.capturing = None
+
+            def replay(self) -> None:
+                self.replays += 1
+                decode = self.decode
+                current = decode.token.clone()
+                if fake.stale:
+                    decode.token.copy_(self.captured_token)
+                decode.logits.copy_(decode._run())
+                decode.token.copy_(current)
+
+        self.Stream, self.Graph = Stream, Graph
+        self.main, self.side = Stream(), Stream()
+        self.main.name, self.side.name = "main", "side"
+
+    def install(self, monkeypatch) -> None:
+        fake = self
+        monkeypatch.setattr(torch.cuda, "Stream", lambda: fake.side)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: fake.main)
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self.Graph)
+        original_init, original_run = FixedWindowDecode.__init__, FixedWindowDecode._run
+
+        def on_a_gpu(decode, *args):
+            original_init(decode, *args)
+            decode.use_graph = FixedWindowDecode.refused is None  # as on CUDA
+
+        def run(decode):
+            if fake.capturing is not None:  # the step being captured
+                fake.capturing.decode, fake.capturing.captured_token = decode, decode.token.roll(1)
+                if fake.fail_capture:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+            return original_run(decode)
+
+        monkeypatch.setattr(FixedWindowDecode, "__init__", on_a_gpu)
+        monkeypatch.setattr(FixedWindowDecode, "_run", run)
+        monkeypatch.setattr(FixedWindowDecode, "refused", None)
 
 
-class _FakeGraph:
-    """What a CUDA graph does, on CPU: ``replay`` reruns the recorded step on the buffers it captured, into one output buffer."""
-
-    def __init__(self, decode: FixedWindowDecode, stale: bool) -> None:
-        self.decode, self.stale, self.replays = decode, stale, 0
-        self.frozen_token = decode.token.clone()  # a faulty graph: the inputs as they were when it was captured
-
-    def replay(self) -> None:
-        self.replays += 1
-        if self.stale:
-            current = self.decode.token.clone()
-            self.decode.token.copy_(self.frozen_token.roll(1))
-            self.decode.logits.copy_(self.decode._run())
-            self.decode.token.copy_(current)
-        else:
-            self.decode.logits.copy_(self.decode._run())
-
-
-def _fake_gpu_graphs(monkeypatch, stale: bool) -> list[_FakeGraph]:
-    """FixedWindowDecode as on CUDA, its capture faked on CPU as ``_capture`` builds it: an eager warm-up, then the graph."""
-    graphs = []
-    original = FixedWindowDecode.__init__
-
-    def on_a_gpu(self, *args):
-        original(self, *args)
-        self.use_graph = FixedWindowDecode.refused is None  # as on CUDA
-
-    def capture(self):
-        eager = self._run()
-        self.graph = _FakeGraph(self, stale)
-        self.logits = torch.empty_like(eager)
-        graphs.append(self.graph)
-        return eager
-
-    monkeypatch.setattr(FixedWindowDecode, "__init__", on_a_gpu)
-    monkeypatch.setattr(FixedWindowDecode, "_capture", capture)
-    monkeypatch.setattr(FixedWindowDecode, "refused", None)
-    return graphs
+def _fake_gpu_graphs(monkeypatch, stale: bool = False, fail_capture: bool = False) -> _FakeCuda:
+    fake = _FakeCuda(stale, fail_capture)
+    fake.install(monkeypatch)
+    return fake
 
 
 def test_a_graph_whose_replay_agrees_is_replayed_for_every_token(model, tokenizer, monkeypatch, recwarn):
     """One capture per sampling call, checked once, then one replay per token: the tokens of the eager loop."""
-    graphs = _fake_gpu_graphs(monkeypatch, stale=False)
+    fake = _fake_gpu_graphs(monkeypatch)
     pad = tokenizer.pad_token_id
     ids, mask = left_padded([3, 9, 6], pad)
     torch.manual_seed(5)
@@ -607,14 +617,16 @@ def test_a_graph_whose_replay_agrees_is_replayed_for_every_token(model, tokenize
     torch.manual_seed(5)
     got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, min_new_tokens=12, cuda_graphs=True)
     assert torch.equal(got, expected)
-    assert len(graphs) == 1 and graphs[0].replays == got.shape[1] - 1  # every decode step after the prefill
+    assert len(fake.graphs) == 1 and fake.graphs[0].replays == got.shape[1] - 1  # every decode step after the prefill
+    # the warm-up and the capture on the side stream, which waits for the caller's and is waited for by it
+    assert fake.events == ["side waits for main", "capture_begin", "capture_end", "main waits for side"]
     assert not [w for w in recwarn if "cuda_graphs" in str(w.message)]
 
 
 def test_a_graph_that_replays_stale_inputs_is_dropped_and_the_call_decodes_eagerly(model, tokenizer, monkeypatch):
     """A graph whose first replay differs from the step run eagerly is never used: one warning with the numbers,
     the same tokens as without graphs, the graph not replayed again, and no capture in the process's later calls."""
-    graphs = _fake_gpu_graphs(monkeypatch, stale=True)
+    fake = _fake_gpu_graphs(monkeypatch, stale=True)
     pad = tokenizer.pad_token_id
     ids, mask = left_padded([3, 9, 6], pad)
     torch.manual_seed(5)
@@ -623,14 +635,14 @@ def test_a_graph_that_replays_stale_inputs_is_dropped_and_the_call_decodes_eager
     with pytest.warns(UserWarning, match=r"replayed other logits than the step run eagerly \(they differ by up to") as caught:
         got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
     assert torch.equal(got, expected)
-    assert len(graphs) == 1 and graphs[0].replays == 1
+    assert len(fake.graphs) == 1 and fake.graphs[0].replays == 1
     assert sum("cuda_graphs" in str(w.message) for w in caught) == 1
     assert "replayed other logits" in FixedWindowDecode.refused
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.manual_seed(5)
         again = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
-    assert torch.equal(again, expected) and len(graphs) == 1
+    assert torch.equal(again, expected) and len(fake.graphs) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -643,3 +655,20 @@ def test_replay_agreement_allows_a_few_roundings_of_the_logits_dtype(dtype):
     assert not replay_agreement(torch.full_like(eager, float("nan")), eager)
     verdict = replay_agreement(eager.roll(1, dims=1), eager)
     assert not verdict and "differ by up to 15" in str(verdict) and isinstance(verdict, ReplayAgreement)
+
+
+def test_a_step_that_fails_while_captured_ends_the_capture_and_the_call_decodes_eagerly(model, tokenizer, monkeypatch):
+    """``_capture`` itself (torch.cuda faked): the step's error ends the capture, the caller's stream still waits for the
+    warm-up, and the call warns once and gives the tokens of the loop without graphs."""
+    fake = _fake_gpu_graphs(monkeypatch, fail_capture=True)
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([3, 9, 6], pad)
+    torch.manual_seed(5)
+    expected = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True)
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match=r"could not be captured as a CUDA graph \(operation not permitted") as caught:
+        got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
+    assert torch.equal(got, expected)
+    assert fake.events == ["side waits for main", "capture_begin", "capture_end", "main waits for side"]
+    assert len(fake.graphs) == 1 and fake.graphs[0].replays == 0
+    assert sum("cuda_graphs" in str(w.message) for w in caught) == 1
