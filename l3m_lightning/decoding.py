@@ -443,6 +443,11 @@ def attention_window(prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Te
     return window
 
 
+#: With a replayed CUDA graph, whether every row has stopped is asked every this many tokens, not at every token: the
+#: question waits for the GPU, and a replayed step leaves the host little else to do, so asking at every token would
+#: serialise the host's launches with the GPU's work. Tokens drawn after the last row stopped are pad, and cut.
+GRAPH_STOP_CHECK_EVERY = 8
+
 #: Vocabularies up to this size draw from one float64 CDF; larger ones in two levels (``inverse_cdf_draw``).
 FLAT_CDF_MAX_VOCAB = 4096
 CDF_BLOCK = 128
@@ -512,7 +517,8 @@ def lean_sample(
     fast step's matmuls are ``F.linear``'s, so that its logits are the forward's bit for bit.
     ``onednn``: the fast step's large float32 CPU matmuls on oneDNN (ignored with ``exact_draw``).
     ``fast_decode``: decode steps with ``LlamaDecodeStep`` where ``llama_decode_supported``.
-    ``cuda_graphs``: that step over a fixed window (``FixedWindowDecode``), replayed as one CUDA graph on a GPU.
+    ``cuda_graphs``: that step over a fixed window (``FixedWindowDecode``), replayed as one CUDA graph on a GPU; whether
+    every row has stopped is then asked every ``GRAPH_STOP_CHECK_EVERY`` tokens (the same tokens come back).
     """
     k = num_samples
     mask = prompt_attention_mask.long()
@@ -538,6 +544,7 @@ def lean_sample(
     stops = torch.tensor(stop_token_ids, device=logits.device)
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens: list[torch.Tensor] = []
+    checked_every_token = True
     for step in range(max_new_tokens):
         if step < min_new_tokens:  # generate's MinNewTokensLengthLogitsProcessor: no stop token yet
             logits = logits.index_fill(-1, stops, -math.inf)
@@ -547,7 +554,9 @@ def lean_sample(
         token = torch.where(unfinished, token, pad_token_id)
         tokens.append(token)
         unfinished &= ~torch.isin(token, stops)
-        if step == max_new_tokens - 1 or not unfinished.any():
+        check_every = GRAPH_STOP_CHECK_EVERY if fixed is not None and fixed.use_graph else 1
+        checked_every_token &= check_every == 1
+        if step == max_new_tokens - 1 or (step % check_every == check_every - 1 and not unfinished.any()):
             break
         if fixed is not None:
             logits = fixed(token, next_position, step).float()
@@ -558,4 +567,12 @@ def lean_sample(
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, **with_cache).logits[:, -1].float()
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1)
+    sampled = torch.stack(tokens, dim=1)
+    return sampled if checked_every_token else sampled[:, : sampled_length(sampled, stops)]
+
+
+def sampled_length(tokens: torch.Tensor, stops: torch.Tensor) -> int:
+    """Columns of ``tokens`` ``[N, T]`` up to the one where the last row stopped (all ``T`` if a row never did)."""
+    stopped = torch.isin(tokens, stops)
+    ends = torch.where(stopped.any(dim=1), stopped.int().argmax(dim=1), tokens.shape[1] - 1)
+    return int(ends.max()) + 1

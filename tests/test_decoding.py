@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 
 import l3m_lightning.decoding as decoding
 from l3m_lightning.decoding import (
-    FixedWindowDecode, LlamaDecodeStep, ReplayAgreement, replay_agreement, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
+    FixedWindowDecode, LlamaDecodeStep, ReplayAgreement, replay_agreement, sampled_length, ReservedLayer, attention_window, inverse_cdf_draw, lean_decoding_supported, lean_sample, llama_decode_supported,
     FLAT_CDF_MAX_VOCAB, onednn_available, onednn_linear, reserved_cache,
 )
 from l3m_lightning.embedded.model import build_embedded_model
@@ -672,3 +672,27 @@ def test_a_step_that_fails_while_captured_ends_the_capture_and_the_call_decodes_
     assert fake.events == ["side waits for main", "capture_begin", "capture_end", "main waits for side"]
     assert len(fake.graphs) == 1 and fake.graphs[0].replays == 0
     assert sum("cuda_graphs" in str(w.message) for w in caught) == 1
+
+
+def test_with_a_replayed_graph_the_loop_asks_whether_all_rows_stopped_every_few_tokens(model, tokenizer, monkeypatch):
+    """The stop question waits for the GPU, so with a graph it is asked every GRAPH_STOP_CHECK_EVERY tokens: the loop
+    runs past the last row's stop to the next question, and the pad it drew there is cut: the eager loop's tokens."""
+    fake = _fake_gpu_graphs(monkeypatch)
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([3, 9, 6], pad)
+    stops = list(range(1500))  # most tokens stop a row: every row stops within a few tokens
+    torch.manual_seed(7)
+    expected = lean_sample(model, ids, mask, 2, 12, stops, pad, exact_draw=True)
+    torch.manual_seed(7)
+    got = lean_sample(model, ids, mask, 2, 12, stops, pad, exact_draw=True, cuda_graphs=True)
+    assert expected.shape[1] < decoding.GRAPH_STOP_CHECK_EVERY  # every row stopped before the first question
+    assert torch.equal(got, expected)
+    assert fake.graphs[0].replays == decoding.GRAPH_STOP_CHECK_EVERY - 1  # decoded on to the question
+
+
+def test_sampled_length_ends_at_the_last_rows_stop():
+    stops = torch.tensor([5, 9])
+    tokens = torch.tensor([[1, 5, 0, 0, 0], [2, 3, 9, 0, 0], [4, 4, 5, 5, 0]])
+    assert sampled_length(tokens, stops) == 3
+    assert sampled_length(torch.tensor([[1, 5, 0], [2, 3, 4]]), stops) == 3  # a row that never stopped: every column
+    assert sampled_length(torch.tensor([[5, 9, 9]]), stops) == 1  # pad that is itself a stop token
