@@ -607,15 +607,20 @@ def _fake_gpu_graphs(monkeypatch, stale: bool = False, fail_capture: bool = Fals
     return fake
 
 
+def _without_and_with_graphs(model, tokenizer, stops=STOPS, seed=5, **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same seed's samples of three left-padded prompts × K = 2, ≤ 12 tokens: the eager loop's, then with cuda_graphs."""
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded([3, 9, 6], pad)
+    torch.manual_seed(seed)
+    expected = lean_sample(model, ids, mask, 2, 12, stops, pad, exact_draw=True, **settings)
+    torch.manual_seed(seed)
+    return expected, lean_sample(model, ids, mask, 2, 12, stops, pad, exact_draw=True, cuda_graphs=True, **settings)
+
+
 def test_a_graph_whose_replay_agrees_is_replayed_for_every_token(model, tokenizer, monkeypatch, recwarn):
     """One capture per sampling call, checked once, then one replay per token: the tokens of the eager loop."""
     fake = _fake_gpu_graphs(monkeypatch)
-    pad = tokenizer.pad_token_id
-    ids, mask = left_padded([3, 9, 6], pad)
-    torch.manual_seed(5)
-    expected = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, min_new_tokens=12)
-    torch.manual_seed(5)
-    got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, min_new_tokens=12, cuda_graphs=True)
+    expected, got = _without_and_with_graphs(model, tokenizer, min_new_tokens=12)
     assert torch.equal(got, expected)
     assert len(fake.graphs) == 1 and fake.graphs[0].replays == got.shape[1] - 1  # every decode step after the prefill
     # the warm-up and the capture on the side stream, which waits for the caller's and is waited for by it
@@ -627,21 +632,15 @@ def test_a_graph_that_replays_stale_inputs_is_dropped_and_the_call_decodes_eager
     """A graph whose first replay differs from the step run eagerly is never used: one warning with the numbers,
     the same tokens as without graphs, the graph not replayed again, and no capture in the process's later calls."""
     fake = _fake_gpu_graphs(monkeypatch, stale=True)
-    pad = tokenizer.pad_token_id
-    ids, mask = left_padded([3, 9, 6], pad)
-    torch.manual_seed(5)
-    expected = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True)
-    torch.manual_seed(5)
     with pytest.warns(UserWarning, match=r"replayed other logits than the step run eagerly \(they differ by up to") as caught:
-        got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
+        expected, got = _without_and_with_graphs(model, tokenizer)
     assert torch.equal(got, expected)
     assert len(fake.graphs) == 1 and fake.graphs[0].replays == 1
     assert sum("cuda_graphs" in str(w.message) for w in caught) == 1
     assert "replayed other logits" in FixedWindowDecode.refused
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        torch.manual_seed(5)
-        again = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
+        _, again = _without_and_with_graphs(model, tokenizer)
     assert torch.equal(again, expected) and len(fake.graphs) == 1
 
 
@@ -661,13 +660,8 @@ def test_a_step_that_fails_while_captured_ends_the_capture_and_the_call_decodes_
     """``_capture`` itself (torch.cuda faked): the step's error ends the capture, the caller's stream still waits for the
     warm-up, and the call warns once and gives the tokens of the loop without graphs."""
     fake = _fake_gpu_graphs(monkeypatch, fail_capture=True)
-    pad = tokenizer.pad_token_id
-    ids, mask = left_padded([3, 9, 6], pad)
-    torch.manual_seed(5)
-    expected = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True)
-    torch.manual_seed(5)
     with pytest.warns(UserWarning, match=r"could not be captured as a CUDA graph \(operation not permitted") as caught:
-        got = lean_sample(model, ids, mask, 2, 12, STOPS, pad, exact_draw=True, cuda_graphs=True)
+        expected, got = _without_and_with_graphs(model, tokenizer)
     assert torch.equal(got, expected)
     assert fake.events == ["side waits for main", "capture_begin", "capture_end", "main waits for side"]
     assert len(fake.graphs) == 1 and fake.graphs[0].replays == 0
@@ -678,13 +672,8 @@ def test_with_a_replayed_graph_the_loop_asks_whether_all_rows_stopped_every_few_
     """The stop question waits for the GPU, so with a graph it is asked every GRAPH_STOP_CHECK_EVERY tokens: the loop
     runs past the last row's stop to the next question, and the pad it drew there is cut: the eager loop's tokens."""
     fake = _fake_gpu_graphs(monkeypatch)
-    pad = tokenizer.pad_token_id
-    ids, mask = left_padded([3, 9, 6], pad)
-    stops = list(range(1500))  # most tokens stop a row: every row stops within a few tokens
-    torch.manual_seed(7)
-    expected = lean_sample(model, ids, mask, 2, 12, stops, pad, exact_draw=True)
-    torch.manual_seed(7)
-    got = lean_sample(model, ids, mask, 2, 12, stops, pad, exact_draw=True, cuda_graphs=True)
+    # most tokens stop a row: every row stops within a few tokens
+    expected, got = _without_and_with_graphs(model, tokenizer, stops=list(range(1500)), seed=7)
     assert expected.shape[1] < decoding.GRAPH_STOP_CHECK_EVERY  # every row stopped before the first question
     assert torch.equal(got, expected)
     assert fake.graphs[0].replays == decoding.GRAPH_STOP_CHECK_EVERY - 1  # decoded on to the question
