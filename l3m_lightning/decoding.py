@@ -544,7 +544,6 @@ def lean_sample(
     stops = torch.tensor(stop_token_ids, device=logits.device)
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens: list[torch.Tensor] = []
-    checked_every_token = True
     for step in range(max_new_tokens):
         if step < min_new_tokens:  # generate's MinNewTokensLengthLogitsProcessor: no stop token yet
             logits = logits.index_fill(-1, stops, -math.inf)
@@ -555,7 +554,6 @@ def lean_sample(
         tokens.append(token)
         unfinished &= ~torch.isin(token, stops)
         check_every = GRAPH_STOP_CHECK_EVERY if fixed is not None and fixed.use_graph else 1
-        checked_every_token &= check_every == 1
         if step == max_new_tokens - 1 or (step % check_every == check_every - 1 and not unfinished.any()):
             break
         if fixed is not None:
@@ -568,7 +566,8 @@ def lean_sample(
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, **with_cache).logits[:, -1].float()
         next_position = next_position + 1
     sampled = torch.stack(tokens, dim=1)
-    return sampled if checked_every_token else sampled[:, : sampled_length(sampled, stops)]
+    # the fixed window may have decoded past the last row's stop (a graph asks every few tokens); elsewhere this cuts nothing
+    return sampled if fixed is None else sampled[:, : sampled_length(sampled, stops)]
 
 
 def sampled_length(tokens: torch.Tensor, stops: torch.Tensor) -> int:
